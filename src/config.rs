@@ -1,0 +1,344 @@
+//! Command-line flags of both binaries, each also readable from `DMR_<FLAG_IN_CAPS>`.
+//!
+//! The flag structs are parsed by argh; [`parse`] first appends `--flag value` for every
+//! `DMR_*` variable whose flag is not on the command line, so a flag always wins over the
+//! environment. Values are checked here, at the edge, so the rest of the code gets types
+//! that are already valid.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+use crate::protocol::AgentId;
+
+/// `dmr-server`: the stateless relay between DMR agents, backed by RabbitMQ.
+#[derive(FromArgs, Debug)]
+pub struct ServerCli {
+    #[argh(subcommand)]
+    pub command: ServerCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum ServerCommand {
+    Run(ServerArgs),
+}
+
+/// Relay agents' encrypted messages through RabbitMQ. Every flag can also be set with the
+/// environment variable shown in brackets; a flag on the command line wins.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "run")]
+pub struct ServerArgs {
+    /// address for the agent WebSocket (/v1/ws), /healthz, /readyz and /metrics
+    /// [env DMR_LISTEN] [default 127.0.0.1:8075]
+    #[argh(option, default = "\"127.0.0.1:8075\".parse().unwrap()")]
+    pub listen: SocketAddr,
+
+    /// the RabbitMQ URL; several comma-separated URLs (cluster nodes) are tried in turn
+    /// [env DMR_AMQP_URL] [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// agent directory file (CentOps JSON), re-read when it changes and on SIGHUP
+    /// [env DMR_AGENTS_FILE]
+    #[argh(option)]
+    pub agents_file: Option<PathBuf>,
+
+    /// the CentOps URL serving the agent directory, polled every --centops-interval seconds
+    /// [env DMR_CENTOPS_URL]
+    #[argh(option)]
+    pub centops_url: Option<String>,
+
+    /// seconds between CentOps polls [env DMR_CENTOPS_INTERVAL] [default 60]
+    #[argh(option, default = "60")]
+    pub centops_interval: u64,
+
+    /// PEM certificate chain; with --tls-key the server speaks wss:// and https://
+    /// [env DMR_TLS_CERT]
+    #[argh(option)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert [env DMR_TLS_KEY]
+    #[argh(option)]
+    pub tls_key: Option<PathBuf>,
+
+    /// prefix for every RabbitMQ exchange and queue name, e.g. "test1." [env DMR_QUEUE_PREFIX]
+    /// [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// seconds a message may wait in an agent's queue before it is dead-lettered
+    /// [env DMR_MESSAGE_TTL] [default 86400]
+    #[argh(option, default = "86400")]
+    pub message_ttl: u64,
+
+    /// deliveries of one message before it goes to the dead-letter queue
+    /// [env DMR_DELIVERY_LIMIT] [default 10]
+    #[argh(option, default = "10")]
+    pub delivery_limit: u32,
+
+    /// largest accepted envelope in bytes [env DMR_MAX_MESSAGE_BYTES] [default 1048576]
+    #[argh(option, default = "1_048_576")]
+    pub max_message_bytes: u32,
+
+    /// unacknowledged deliveries in flight per connected agent [env DMR_PREFETCH] [default 64]
+    #[argh(option, default = "64")]
+    pub prefetch: u16,
+}
+
+/// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
+#[derive(FromArgs, Debug)]
+pub struct AgentCli {
+    #[argh(subcommand)]
+    pub command: AgentCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum AgentCommand {
+    Run(AgentArgs),
+    Keygen(KeygenArgs),
+}
+
+/// Connect to DMR servers and serve the local HTTP API. Every flag can also be set with the
+/// environment variable shown in brackets; a flag on the command line wins.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "run")]
+pub struct AgentArgs {
+    /// this agent's id, as listed in the directory [env DMR_ID] (required)
+    #[argh(option)]
+    pub id: Option<String>,
+
+    /// path of this agent's X25519 private key (PKCS#8 PEM) [env DMR_KEY] (required)
+    #[argh(option)]
+    pub key: Option<PathBuf>,
+
+    /// server WebSocket URL (ws://host:port/v1/ws or wss://…); repeat or comma-separate
+    /// to fail over between servers [env DMR_SERVER] (required)
+    #[argh(option)]
+    pub server: Vec<String>,
+
+    /// address of the local HTTP API [env DMR_LISTEN] [default 127.0.0.1:8077]
+    #[argh(option, default = "\"127.0.0.1:8077\".parse().unwrap()")]
+    pub listen: SocketAddr,
+
+    /// URL the agent POSTs incoming messages to (the local service's webhook)
+    /// [env DMR_DELIVER_URL] (without it, incoming messages wait in the queue)
+    #[argh(option)]
+    pub deliver_url: Option<String>,
+
+    /// bearer token the local HTTP API requires (prefer the env var) [env DMR_API_TOKEN]
+    /// [default none: no token required]
+    #[argh(option)]
+    pub api_token: Option<String>,
+
+    /// PEM CA certificates to trust for wss:// instead of the built-in web roots
+    /// [env DMR_CA_FILE]
+    #[argh(option)]
+    pub ca_file: Option<PathBuf>,
+
+    /// webhook deliveries running at once [env DMR_MAX_CONCURRENT_DELIVERIES] [default 16]
+    #[argh(option, default = "16")]
+    pub max_concurrent_deliveries: usize,
+}
+
+/// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "keygen")]
+pub struct KeygenArgs {
+    /// path prefix of the files to write [env DMR_OUT] (required)
+    #[argh(option)]
+    pub out: Option<PathBuf>,
+
+    /// overwrite existing files [env DMR_FORCE]
+    #[argh(switch)]
+    pub force: bool,
+}
+
+/// Flags each binary's subcommands accept from `DMR_*` variables.
+pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[(
+    "run",
+    &[
+        ("listen", false),
+        ("amqp-url", false),
+        ("agents-file", false),
+        ("centops-url", false),
+        ("centops-interval", false),
+        ("tls-cert", false),
+        ("tls-key", false),
+        ("queue-prefix", false),
+        ("message-ttl", false),
+        ("delivery-limit", false),
+        ("max-message-bytes", false),
+        ("prefetch", false),
+    ],
+)];
+
+pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
+    (
+        "run",
+        &[
+            ("id", false),
+            ("key", false),
+            ("server", false),
+            ("listen", false),
+            ("deliver-url", false),
+            ("api-token", false),
+            ("ca-file", false),
+            ("max-concurrent-deliveries", false),
+        ],
+    ),
+    ("keygen", &[("out", false), ("force", true)]),
+];
+
+/// Parses `args` (without the program name) after merging `DMR_*` variables from `env`.
+/// On `--help` or a bad flag, prints argh's message and exits, as a CLI should.
+pub fn parse<T: FromArgs>(
+    program: &str,
+    args: Vec<String>,
+    env_flags: &[(&str, &[(&str, bool)])],
+    env: impl Fn(&str) -> Option<String>,
+) -> T {
+    let args = with_env(args, env_flags, env);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match T::from_args(&[program], &refs) {
+        Ok(t) => t,
+        Err(early) => {
+            let ok = early.status.is_ok();
+            if ok {
+                println!("{}", early.output);
+            } else {
+                eprintln!(
+                    "{}\nRun `{program} --help` for usage.",
+                    early.output.trim_end()
+                );
+            }
+            std::process::exit(if ok { 0 } else { 2 });
+        }
+    }
+}
+
+/// Appends `--flag value` for each `DMR_FLAG` set in `env` whose flag is not already given.
+pub fn with_env(
+    mut args: Vec<String>,
+    env_flags: &[(&str, &[(&str, bool)])],
+    env: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let Some(sub) = args.first().cloned() else {
+        return args;
+    };
+    let Some((_, flags)) = env_flags.iter().find(|(name, _)| *name == sub) else {
+        return args;
+    };
+    if args.iter().any(|a| a == "--help" || a == "help") {
+        return args;
+    }
+    for (flag, is_switch) in *flags {
+        let dashed = format!("--{flag}");
+        if args
+            .iter()
+            .any(|a| a == &dashed || a.starts_with(&format!("{dashed}=")))
+        {
+            continue;
+        }
+        let var = format!("DMR_{}", flag.replace('-', "_").to_ascii_uppercase());
+        match env(&var) {
+            Some(v) if *is_switch => {
+                if matches!(v.as_str(), "1" | "true" | "yes") {
+                    args.push(dashed);
+                }
+            }
+            Some(v) if !v.is_empty() => args.extend([dashed, v]),
+            _ => {}
+        }
+    }
+    args
+}
+
+/// What a flag combination lacks or gets wrong, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Splits repeated and comma-separated values, dropping empty pieces.
+pub fn split_list(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks a required agent id flag.
+pub fn require_agent_id(id: &Option<String>) -> Result<AgentId, ConfigError> {
+    let id = id
+        .as_deref()
+        .ok_or_else(|| ConfigError("--id (or DMR_ID) is required".into()))?;
+    AgentId::new(id).map_err(|e| ConfigError(format!("--id: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn env_fills_missing_flags_and_flags_win() {
+        let args = vec!["run".into(), "--listen".into(), "1.2.3.4:5".into()];
+        let env = env_of(&[("DMR_LISTEN", "9.9.9.9:9"), ("DMR_AMQP_URL", "amqp://x")]);
+        let merged = with_env(args, SERVER_ENV_FLAGS, env);
+        assert_eq!(
+            merged,
+            ["run", "--listen", "1.2.3.4:5", "--amqp-url", "amqp://x"]
+        );
+        let cli: ServerCli = parse("dmr-server", merged, &[], |_| None);
+        let ServerCommand::Run(a) = cli.command;
+        assert_eq!(a.listen.to_string(), "1.2.3.4:5");
+        assert_eq!(a.amqp_url, "amqp://x");
+        assert_eq!(a.delivery_limit, 10);
+    }
+
+    #[test]
+    fn switches_come_from_truthy_env_values() {
+        let merged = with_env(
+            vec!["keygen".into()],
+            AGENT_ENV_FLAGS,
+            env_of(&[("DMR_FORCE", "1"), ("DMR_OUT", "/tmp/x")]),
+        );
+        assert_eq!(merged, ["keygen", "--out", "/tmp/x", "--force"]);
+        let merged = with_env(
+            vec!["keygen".into()],
+            AGENT_ENV_FLAGS,
+            env_of(&[("DMR_FORCE", "0")]),
+        );
+        assert_eq!(merged, ["keygen"]);
+    }
+
+    #[test]
+    fn lists_split_on_commas_and_repeats() {
+        let v = split_list(&[
+            "ws://a/v1/ws, ws://b/v1/ws".into(),
+            "ws://c/v1/ws".into(),
+            ",".into(),
+        ]);
+        assert_eq!(v, ["ws://a/v1/ws", "ws://b/v1/ws", "ws://c/v1/ws"]);
+    }
+}

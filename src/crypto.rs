@@ -1,0 +1,365 @@
+//! End-to-end cryptography: agent key pairs, their PEM files, HPKE sealing of envelopes
+//! and the proof of key possession used in the WebSocket handshake.
+//!
+//! This is the only module that knows orion. Keys are X25519; envelopes use RFC 9180 HPKE
+//! in Auth mode (DHKEM(X25519, HKDF-SHA256), ChaCha20-Poly1305) with the encoded header as
+//! associated data, so neither the content nor the metadata can be changed unnoticed.
+
+use std::fmt;
+
+use orion::hazardous::ecc::x25519;
+use orion::hazardous::hpke::{ModeAuth, DHKEM_X25519_SHA256_CHACHA20};
+use orion::hazardous::kdf::hkdf;
+use orion::hazardous::kem::x25519_hkdf_sha256 as kem;
+
+use crate::protocol::{AgentId, Envelope, Header, PROTOCOL_VERSION};
+
+type Hpke = ModeAuth<DHKEM_X25519_SHA256_CHACHA20>;
+
+/// HPKE `info`: binds every envelope to this protocol so a ciphertext made for another
+/// purpose with the same keys never opens here.
+const HPKE_INFO: &[u8] = b"dmr/v1 envelope";
+const PROOF_KDF_INFO: &[u8] = b"dmr/v1 handshake proof key";
+const TAG_LEN: usize = 16;
+
+/// DER prefixes of the only key forms OpenSSL writes for X25519.
+const SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x03, 0x21, 0x00,
+];
+/// After the outer SEQUENCE header: version (patched), AlgorithmIdentifier, OCTET STRING
+/// wrapping the 32-byte OCTET STRING key.
+const PKCS8_BODY_PREFIX: [u8; 14] = [
+    0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// What went wrong with a key or a cryptographic operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CryptoError {
+    /// The text is not PEM, or not the expected PEM label.
+    Pem(String),
+    /// The PEM holds something other than an X25519 key.
+    NotX25519(&'static str),
+    /// The OS random generator failed.
+    Random,
+    /// An envelope failed to open: wrong keys, changed header or changed ciphertext.
+    OpenFailed,
+    /// Sealing failed (e.g. the recipient key is a low-order point).
+    SealFailed,
+}
+
+impl fmt::Display for CryptoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pem(e) => write!(f, "not a usable PEM key: {e}"),
+            Self::NotX25519(which) => write!(
+                f,
+                "{which} is not an X25519 key (make one with `dmr-agent keygen` or `openssl genpkey -algorithm X25519`)"
+            ),
+            Self::Random => f.write_str("the operating system's random generator failed"),
+            Self::OpenFailed => f.write_str(
+                "envelope failed authentication: wrong keys, or header or ciphertext was altered",
+            ),
+            Self::SealFailed => f.write_str("could not encrypt to this recipient key"),
+        }
+    }
+}
+
+impl std::error::Error for CryptoError {}
+
+/// An agent's X25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey([u8; 32]);
+
+impl PublicKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Parses an SPKI PEM (`-----BEGIN PUBLIC KEY-----`, as `openssl pkey -pubout` writes).
+    pub fn from_pem(text: &str) -> Result<Self, CryptoError> {
+        let der = pem_contents(text, "PUBLIC KEY")?;
+        match der.strip_prefix(&SPKI_PREFIX[..]) {
+            Some(key) if der.len() == 44 => Ok(Self(key.try_into().expect("length checked"))),
+            _ => Err(CryptoError::NotX25519("public key")),
+        }
+    }
+
+    pub fn to_pem(&self) -> String {
+        let mut der = SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&self.0);
+        encode_pem("PUBLIC KEY", der)
+    }
+
+    fn to_orion(self) -> kem::PublicKey {
+        kem::PublicKey::from(self.0)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey(")?;
+        self.0[..6].iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        write!(f, "…)")
+    }
+}
+
+/// An agent's X25519 private key. Never printed: `Debug` shows only the public half.
+pub struct SecretKey {
+    inner: kem::PrivateKey,
+    public: PublicKey,
+}
+
+impl SecretKey {
+    /// A fresh key from the OS random generator.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let inner = kem::PrivateKey::generate().map_err(|_| CryptoError::Random)?;
+        Ok(Self::from_orion(inner))
+    }
+
+    fn from_orion(inner: kem::PrivateKey) -> Self {
+        let public = kem::PublicKey::try_from(&inner).expect("X25519 base-point multiplication");
+        let public = PublicKey(public.as_ref().try_into().expect("32-byte public key"));
+        Self { inner, public }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public
+    }
+
+    /// Parses a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as `openssl genpkey -algorithm
+    /// X25519` writes; the v2 form with an embedded public key is accepted too).
+    pub fn from_pem(text: &str) -> Result<Self, CryptoError> {
+        let der = pem_contents(text, "PRIVATE KEY")?;
+        let key = pkcs8_x25519(&der).ok_or(CryptoError::NotX25519("private key"))?;
+        Ok(Self::from_orion(kem::PrivateKey::from(key)))
+    }
+
+    /// PKCS#8 v1 PEM, readable by `openssl pkey`.
+    pub fn to_pem(&self) -> String {
+        let mut der = vec![0x30, 0x2e];
+        der.extend_from_slice(&PKCS8_BODY_PREFIX);
+        der.extend_from_slice(self.inner.unprotected_as_ref());
+        encode_pem("PRIVATE KEY", der)
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey(public: {:?})", self.public)
+    }
+}
+
+/// PEM with Unix line endings, byte-identical to what openssl writes.
+fn encode_pem(label: &str, der: Vec<u8>) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
+}
+
+fn pem_contents(text: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
+    let p = pem::parse(text.trim()).map_err(|e| CryptoError::Pem(e.to_string()))?;
+    if p.tag() != label {
+        return Err(CryptoError::Pem(format!(
+            "expected \"-----BEGIN {label}-----\", found \"{}\"",
+            p.tag()
+        )));
+    }
+    Ok(p.into_contents())
+}
+
+/// Extracts the 32-byte key from PKCS#8 v1 (`version 0`) or v2 (`version 1`, optional
+/// trailing attributes / public key) DER. Anything else is refused.
+fn pkcs8_x25519(der: &[u8]) -> Option<[u8; 32]> {
+    let (&tag, rest) = der.split_first()?;
+    let (&len, body) = rest.split_first()?;
+    if tag != 0x30 || len >= 0x80 || body.len() != len as usize || body.len() < 46 {
+        return None;
+    }
+    let version = body[2];
+    let mut expected = PKCS8_BODY_PREFIX;
+    expected[2] = version;
+    if version > 1 || body[..14] != expected || (version == 0 && body.len() != 46) {
+        return None;
+    }
+    body[14..46].try_into().ok()
+}
+
+/// Encrypts `plaintext` from `sender` to `recipient_pk`, binding `header` as associated data.
+pub fn seal(
+    sender: &SecretKey,
+    recipient_pk: &PublicKey,
+    header: Header,
+    plaintext: &[u8],
+) -> Result<Envelope, CryptoError> {
+    let aad = header.aad();
+    let mut ciphertext = vec![0u8; plaintext.len() + TAG_LEN];
+    let enc = Hpke::auth_seal(
+        &recipient_pk.to_orion(),
+        HPKE_INFO,
+        &sender.inner,
+        plaintext,
+        &aad,
+        &mut ciphertext,
+    )
+    .map_err(|_| CryptoError::SealFailed)?;
+    let enc: [u8; 32] = enc
+        .as_ref()
+        .try_into()
+        .map_err(|_| CryptoError::SealFailed)?;
+    Ok(Envelope::from_parts(header, enc, ciphertext))
+}
+
+/// Decrypts an envelope addressed to `recipient`, proving it came from `sender_pk` and
+/// that its header is the one the sender sealed.
+pub fn open(
+    recipient: &SecretKey,
+    sender_pk: &PublicKey,
+    envelope: &Envelope,
+) -> Result<Vec<u8>, CryptoError> {
+    let ct = envelope.ciphertext();
+    if ct.len() < TAG_LEN {
+        return Err(CryptoError::OpenFailed);
+    }
+    let mut plaintext = vec![0u8; ct.len() - TAG_LEN];
+    Hpke::auth_open(
+        &kem::PublicKey::from(*envelope.enc()),
+        &recipient.inner,
+        HPKE_INFO,
+        &sender_pk.to_orion(),
+        ct,
+        &envelope.header().aad(),
+        &mut plaintext,
+    )
+    .map_err(|_| CryptoError::OpenFailed)?;
+    Ok(plaintext)
+}
+
+/// The server's half of one handshake: a fresh ephemeral key and nonce.
+pub struct Challenge {
+    ephemeral: x25519::PrivateKey,
+    ephemeral_pk: [u8; 32],
+    nonce: [u8; 32],
+}
+
+impl Challenge {
+    pub fn new() -> Result<Self, CryptoError> {
+        let ephemeral = x25519::PrivateKey::generate().map_err(|_| CryptoError::Random)?;
+        let pk = x25519::PublicKey::try_from(&ephemeral).map_err(|_| CryptoError::Random)?;
+        let mut nonce = [0u8; 32];
+        orion::util::secure_rand_bytes(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let ephemeral_pk = pk.as_ref().try_into().expect("32-byte public key");
+        Ok(Self {
+            ephemeral,
+            ephemeral_pk,
+            nonce,
+        })
+    }
+
+    pub fn ephemeral_pk(&self) -> [u8; 32] {
+        self.ephemeral_pk
+    }
+
+    pub fn nonce(&self) -> [u8; 32] {
+        self.nonce
+    }
+
+    /// True when `mac` proves possession of the private key behind `agent_pk`.
+    pub fn verify(&self, agent_id: &AgentId, agent_pk: &PublicKey, mac: &[u8; 32]) -> bool {
+        let peer = x25519::PublicKey::from(agent_pk.0);
+        let Ok(shared) = x25519::key_agreement(&self.ephemeral, &peer) else {
+            return false;
+        };
+        let Some(key) = proof_key(shared.unprotected_as_ref()) else {
+            return false;
+        };
+        let transcript = transcript(agent_id, agent_pk, &self.ephemeral_pk, &self.nonce);
+        let Ok(tag) = orion::auth::Tag::try_from(&mac[..]) else {
+            return false;
+        };
+        orion::auth::authenticate_verify(&tag, &key, &transcript).is_ok()
+    }
+}
+
+/// The agent's answer to a challenge: a keyed BLAKE2b MAC over the transcript under a key
+/// derived from `x25519(agent_sk, server_ephemeral_pk)`.
+pub fn prove(
+    agent: &SecretKey,
+    agent_id: &AgentId,
+    ephemeral_pk: &[u8; 32],
+    nonce: &[u8; 32],
+) -> Result<[u8; 32], CryptoError> {
+    let sk = x25519::PrivateKey::from(&agent.inner);
+    let shared = x25519::key_agreement(&sk, &x25519::PublicKey::from(*ephemeral_pk))
+        .map_err(|_| CryptoError::SealFailed)?;
+    let key = proof_key(shared.unprotected_as_ref()).ok_or(CryptoError::SealFailed)?;
+    let transcript = transcript(agent_id, &agent.public, ephemeral_pk, nonce);
+    let tag = orion::auth::authenticate(&key, &transcript).map_err(|_| CryptoError::SealFailed)?;
+    Ok(tag
+        .unprotected_as_ref()
+        .try_into()
+        .expect("32-byte BLAKE2b tag"))
+}
+
+fn proof_key(shared: &[u8]) -> Option<orion::auth::SecretKey> {
+    let mut okm = [0u8; 32];
+    hkdf::Hkdf::<hkdf::SHA256>::derive_key(&[], shared, Some(PROOF_KDF_INFO), &mut okm).ok()?;
+    orion::auth::SecretKey::try_from(&okm[..]).ok()
+}
+
+fn transcript(id: &AgentId, agent_pk: &PublicKey, eph_pk: &[u8; 32], nonce: &[u8; 32]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(2 + 1 + id.as_str().len() + 96);
+    t.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    t.push(id.as_str().len() as u8);
+    t.extend_from_slice(id.as_str().as_bytes());
+    t.extend_from_slice(&agent_pk.0);
+    t.extend_from_slice(eph_pk);
+    t.extend_from_slice(nonce);
+    t
+}
+
+/// Writes a new key pair to `PREFIX.key` (mode 0600) and `PREFIX.pub`, refusing to replace
+/// existing files unless `force`. Returns the two paths.
+pub fn write_key_pair(
+    prefix: &std::path::Path,
+    force: bool,
+) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let key_path = with_suffix(prefix, "key");
+    let pub_path = with_suffix(prefix, "pub");
+    if !force {
+        for p in [&key_path, &pub_path] {
+            if p.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists; pass --force to overwrite it", p.display()),
+                ));
+            }
+        }
+    }
+    let sk = SecretKey::generate().map_err(std::io::Error::other)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true).mode(0o600);
+    let mut f = opts.open(&key_path)?;
+    // An existing file keeps its mode on open, so tighten it explicitly.
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    f.write_all(sk.to_pem().as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(&pub_path, sk.public_key().to_pem())?;
+    Ok((key_path, pub_path))
+}
+
+/// `PREFIX` + `.ext`, keeping any dots already in the prefix (`a.b` → `a.b.key`).
+fn with_suffix(prefix: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    s.into()
+}

@@ -1,0 +1,486 @@
+//! The wire protocol spoken between agents and servers.
+//!
+//! Everything that crosses the agent ⇄ server WebSocket is a [`ClientFrame`] or a
+//! [`ServerFrame`], encoded with postcard in one binary WebSocket message. Identities
+//! ([`AgentId`], [`Kind`]) are validated while decoding, so code past this module can
+//! trust them. This is the only module that knows postcard.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The protocol version this build speaks. `Hello` carries it first, so a peer of any
+/// version can read it and refuse with a clear reason.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
+pub const FRAME_OVERHEAD: usize = 4 * 1024;
+
+/// Why a byte string could not become a value of this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The frame is longer than the limit the receiver enforces.
+    TooLarge { len: usize, max: usize },
+    /// The bytes are not a valid frame (truncated, garbage, invalid ids).
+    Malformed(String),
+    /// A valid frame followed by bytes that belong to nothing.
+    TrailingBytes(usize),
+    /// An id that does not match `[A-Za-z0-9._-]{1,64}`.
+    InvalidId { what: &'static str, value: String },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { len, max } => write!(f, "frame of {len} bytes exceeds limit of {max}"),
+            Self::Malformed(e) => write!(f, "malformed frame: {e}"),
+            Self::TrailingBytes(n) => write!(f, "malformed frame: {n} trailing bytes"),
+            Self::InvalidId { what, value } => write!(
+                f,
+                "invalid {what} {value:?}: expected 1-64 characters of A-Z a-z 0-9 . _ -"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+fn valid_token(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+macro_rules! token_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `s` and wraps it.
+            pub fn new(s: impl Into<String>) -> Result<Self, ProtocolError> {
+                let s = s.into();
+                if valid_token(&s) {
+                    Ok(Self(s))
+                } else {
+                    Err(ProtocolError::InvalidId { what: $what, value: s })
+                }
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ProtocolError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ProtocolError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+token_type!(
+    /// An agent's identity: `[A-Za-z0-9._-]{1,64}` (CentOps issues UUIDs, which fit).
+    AgentId,
+    "agent id"
+);
+
+token_type!(
+    /// What an envelope carries, e.g. `ChatMessage`; same alphabet as an [`AgentId`].
+    Kind,
+    "message type"
+);
+
+impl Kind {
+    /// The kind used when a local service does not name one.
+    pub fn chat_message() -> Self {
+        Self("ChatMessage".to_owned())
+    }
+}
+
+/// A message's unique id (a UUID), chosen by the sending side.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(pub Uuid);
+
+impl MessageId {
+    /// A fresh random (v4) id.
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The clear metadata of an envelope. The server routes on it; the recipient checks it,
+/// because its encoding is the HPKE associated data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub id: MessageId,
+    pub sender: AgentId,
+    pub recipient: AgentId,
+    /// Milliseconds since the Unix epoch, set by the sender.
+    pub created_at_ms: u64,
+    pub kind: Kind,
+}
+
+impl Header {
+    /// The exact bytes that bind this header to the ciphertext (HPKE `aad`).
+    pub fn aad(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+    }
+}
+
+/// One end-to-end encrypted message: clear header, HPKE encapsulated key, ciphertext.
+///
+/// Built only by the crypto module's `seal` or by decoding, so it always has a header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    header: Header,
+    enc: [u8; 32],
+    ciphertext: Vec<u8>,
+}
+
+impl Envelope {
+    pub(crate) fn from_parts(header: Header, enc: [u8; 32], ciphertext: Vec<u8>) -> Self {
+        Self {
+            header,
+            enc,
+            ciphertext,
+        }
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn enc(&self) -> &[u8; 32] {
+        &self.enc
+    }
+
+    pub fn ciphertext(&self) -> &[u8] {
+        &self.ciphertext
+    }
+
+    /// The envelope as stored in RabbitMQ.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Parses an envelope read back from RabbitMQ, refusing anything over `max` bytes.
+    pub fn from_bytes(bytes: &[u8], max: usize) -> Result<Self, ProtocolError> {
+        decode(bytes, max)
+    }
+
+    /// Encoded size, as counted against `--max-message-bytes`.
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(usize::MAX)
+    }
+
+    #[doc(hidden)]
+    /// For tests that play a hostile peer: change any part of a sealed envelope.
+    pub fn tamper(&mut self) -> (&mut Header, &mut [u8; 32], &mut Vec<u8>) {
+        (&mut self.header, &mut self.enc, &mut self.ciphertext)
+    }
+}
+
+/// One agent as the server announces it: id, display name, X25519 public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub id: AgentId,
+    pub name: String,
+    pub public_key: [u8; 32],
+}
+
+/// The server's limits, told to the agent in `Welcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_message_bytes: u32,
+    pub message_ttl_ms: u64,
+}
+
+/// Why the server refused an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The envelope's sender is not the authenticated agent.
+    ForgedSender,
+    /// The recipient is not in the directory.
+    UnknownRecipient,
+    /// The envelope is over `--max-message-bytes`.
+    TooLarge,
+    /// RabbitMQ is not connected; try again later.
+    Unavailable,
+    /// RabbitMQ refused the publish (nack, return, full queue).
+    BrokerRefused,
+    /// RabbitMQ did not confirm in time; the message may or may not be stored.
+    Timeout,
+}
+
+impl RejectCode {
+    /// A stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ForgedSender => "forged_sender",
+            Self::UnknownRecipient => "unknown_recipient",
+            Self::TooLarge => "too_large",
+            Self::Unavailable => "unavailable",
+            Self::BrokerRefused => "broker_refused",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// Frames sent by an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame. Keep it variant 0 with `version` first: every version must read it.
+    Hello {
+        version: u16,
+        agent_id: AgentId,
+    },
+    /// The handshake MAC over the transcript (see the crypto module).
+    Proof {
+        mac: [u8; 32],
+    },
+    Send {
+        envelope: Envelope,
+    },
+    Ack {
+        delivery: u64,
+    },
+    Nack {
+        delivery: u64,
+        reason: String,
+    },
+}
+
+/// Frames sent by a server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    Challenge {
+        ephemeral_pk: [u8; 32],
+        nonce: [u8; 32],
+    },
+    Welcome {
+        directory: Vec<AgentEntry>,
+        limits: Limits,
+    },
+    /// The whole directory, sent again whenever it changes.
+    Directory {
+        directory: Vec<AgentEntry>,
+    },
+    /// The envelope is durable in RabbitMQ.
+    Accepted {
+        id: MessageId,
+    },
+    Rejected {
+        id: MessageId,
+        code: RejectCode,
+        reason: String,
+    },
+    Deliver {
+        delivery: u64,
+        envelope: Envelope,
+    },
+}
+
+macro_rules! frame_codec {
+    ($ty:ty) => {
+        impl $ty {
+            /// Encodes the frame for one binary WebSocket message.
+            pub fn encode(&self) -> Vec<u8> {
+                postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+            }
+
+            /// Decodes one frame of at most `max` bytes.
+            pub fn decode(bytes: &[u8], max: usize) -> Result<Self, ProtocolError> {
+                decode(bytes, max)
+            }
+        }
+    };
+}
+
+frame_codec!(ClientFrame);
+frame_codec!(ServerFrame);
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], max: usize) -> Result<T, ProtocolError> {
+    if bytes.len() > max {
+        return Err(ProtocolError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| match e {
+        postcard::Error::SerdeDeCustom => ProtocolError::Malformed("invalid id or value".into()),
+        other => ProtocolError::Malformed(other.to_string()),
+    })?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            id: MessageId::random(),
+            sender: AgentId::new("police").unwrap(),
+            recipient: AgentId::new("tax-board.ee_1").unwrap(),
+            created_at_ms: 1_700_000_000_000,
+            kind: Kind::chat_message(),
+        }
+    }
+
+    #[test]
+    fn agent_ids_are_validated() {
+        assert!(AgentId::new("5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10").is_ok());
+        assert!(AgentId::new("a").is_ok());
+        assert!(AgentId::new("x".repeat(64)).is_ok());
+        for bad in ["", "has space", "slash/", "ümlaut", "a\n", &"x".repeat(65)] {
+            let err = AgentId::new(bad).unwrap_err();
+            assert!(err.to_string().contains("invalid agent id"), "{err}");
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let env = Envelope::from_parts(header(), [7; 32], vec![1, 2, 3]);
+        let frames = vec![
+            ClientFrame::Hello {
+                version: PROTOCOL_VERSION,
+                agent_id: AgentId::new("a").unwrap(),
+            },
+            ClientFrame::Proof { mac: [9; 32] },
+            ClientFrame::Send {
+                envelope: env.clone(),
+            },
+            ClientFrame::Ack { delivery: 42 },
+            ClientFrame::Nack {
+                delivery: 43,
+                reason: "webhook down".into(),
+            },
+        ];
+        for f in frames {
+            assert_eq!(ClientFrame::decode(&f.encode(), 1 << 20).unwrap(), f);
+        }
+        let s = ServerFrame::Deliver {
+            delivery: u64::MAX,
+            envelope: env,
+        };
+        assert_eq!(ServerFrame::decode(&s.encode(), 1 << 20).unwrap(), s);
+    }
+
+    #[test]
+    fn decoding_refuses_invalid_ids_inside_frames() {
+        // Hand-encode a Hello whose id contains a space.
+        let mut bytes = vec![0u8, 1, 5];
+        bytes.extend_from_slice(b"a b c");
+        assert!(matches!(
+            ClientFrame::decode(&bytes, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn decoding_enforces_size_and_trailing_bytes() {
+        let f = ClientFrame::Ack { delivery: 1 }.encode();
+        assert_eq!(
+            ClientFrame::decode(&f, 1),
+            Err(ProtocolError::TooLarge {
+                len: f.len(),
+                max: 1
+            })
+        );
+        let mut g = f.clone();
+        g.push(0);
+        assert_eq!(
+            ClientFrame::decode(&g, 64),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn hello_layout_is_stable_across_versions() {
+        // A future server must read `Hello` of this version: variant 0, varint version, id.
+        let f = ClientFrame::Hello {
+            version: 1,
+            agent_id: AgentId::new("ab").unwrap(),
+        };
+        assert_eq!(f.encode(), vec![0, 1, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // Deterministic xorshift so a failure is reproducible.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = ServerFrame::Deliver {
+            delivery: 5,
+            envelope: Envelope::from_parts(header(), [1; 32], vec![0; 40]),
+        }
+        .encode();
+        for round in 0..20_000 {
+            let len = (next() % 300) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 {
+                // Mutate a valid frame too, so decoding gets deep, not just past byte one.
+                buf = valid.clone();
+                let i = (next() as usize) % buf.len();
+                buf[i] ^= next() as u8 | 1;
+                buf.truncate((next() as usize) % (buf.len() + 1));
+            }
+            let _ = ClientFrame::decode(&buf, 1 << 16);
+            let _ = ServerFrame::decode(&buf, 1 << 16);
+            let _ = Envelope::from_bytes(&buf, 1 << 16);
+        }
+    }
+}
