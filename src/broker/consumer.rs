@@ -1,0 +1,292 @@
+//! Consuming one agent's queue on a dedicated channel, with manual acks.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicNackArguments, BasicQosArguments, Channel,
+};
+use amqprs::connection::Connection;
+use amqprs::consumer::AsyncConsumer;
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Deliver, FieldValue, Nack, Return};
+use async_compat::Compat;
+use async_trait::async_trait;
+
+use super::{detached, BrokerError, CloseSlot};
+
+/// How long closing a consumer's channel may take before it is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One message taken from an agent's queue, to be acked or nacked on its [`Consumer`].
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// Identifies the delivery on the consumer that received it (and only there).
+    pub tag: u64,
+    /// The message body, as published.
+    pub body: Vec<u8>,
+    /// RabbitMQ delivered this message before (to this or another consumer).
+    pub redelivered: bool,
+    /// How many times the quorum queue delivered it before (`x-delivery-count`), if set.
+    pub delivery_count: Option<u64>,
+    /// The AMQP `message_id` (the envelope id as a UUID string), if the message has one.
+    pub message_id: Option<String>,
+    /// The `dmr-sender` header (the sending agent's id), if present.
+    pub sender: Option<String>,
+    /// The `dmr-recipient` header (the recipient agent's id), if present.
+    pub recipient: Option<String>,
+}
+
+/// A live subscription to one agent's queue.
+///
+/// Dropping it closes its channel in the background, which returns every unacked message
+/// to the queue; [`Consumer::close`] does the same and waits for it.
+pub struct Consumer {
+    /// Wrapped so that dropping it anywhere enters the tokio context amqprs needs.
+    channel: Compat<Channel>,
+    deliveries: async_channel::Receiver<Delivery>,
+    queue: String,
+    generation: u64,
+    closed: CloseSlot,
+}
+
+impl Consumer {
+    /// Opens a channel on `connection` and subscribes to `queue`. Runs inside `Compat`,
+    /// never cancelled halfway (see `detached`).
+    pub(super) async fn open(
+        connection: &Connection,
+        queue: String,
+        prefetch: u16,
+        generation: u64,
+        closed_channels: Arc<AtomicU32>,
+    ) -> Result<Self, BrokerError> {
+        let closed = CloseSlot::default();
+        let fail = |e: amqprs::error::Error, closed: &CloseSlot| match closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            Some((404, _)) => BrokerError::NoQueue(queue.clone()),
+            Some((code, text)) => {
+                BrokerError::Refused(format!("cannot consume {queue}: {code} {text}"))
+            }
+            None => BrokerError::Closed(format!("cannot consume {queue}: {e}")),
+        };
+        let channel = connection
+            .open_channel(None)
+            .await
+            .map_err(|e| fail(e, &closed))?;
+        let watch = ConsumerWatch {
+            queue: queue.clone(),
+            closed: closed.clone(),
+            closed_channels,
+        };
+        let (tx, deliveries) = async_channel::unbounded();
+        let setup = async {
+            channel.register_callback(watch).await?;
+            channel
+                .basic_qos(BasicQosArguments::new(0, prefetch, false))
+                .await?;
+            let args = BasicConsumeArguments::new(&queue, "")
+                .manual_ack(true)
+                .finish();
+            channel.basic_consume(Forwarder { tx }, args).await
+        };
+        setup.await.map_err(|e| fail(e, &closed))?;
+        let channel = Compat::new(channel);
+        Ok(Self {
+            channel,
+            deliveries,
+            queue,
+            generation,
+            closed,
+        })
+    }
+
+    /// The next delivery; `None` once the consumer's channel or connection has closed
+    /// (broker restart, consumer cancelled by RabbitMQ, …). Then call [`Consumer::close`]
+    /// and, after [`super::Broker::connected`], consume again.
+    pub async fn next(&self) -> Option<Delivery> {
+        self.deliveries.recv().await.ok()
+    }
+
+    /// Acknowledges a delivery of this consumer: RabbitMQ forgets the message.
+    pub async fn ack(&self, tag: u64) -> Result<(), BrokerError> {
+        self.usable()?;
+        let channel = self.channel.get_ref();
+        Compat::new(channel.basic_ack(BasicAckArguments::new(tag, false)))
+            .await
+            .map_err(|e| self.lost(e))
+    }
+
+    /// Returns a delivery to the queue (`requeue=true`). The quorum queue counts
+    /// deliveries and dead-letters the message to the DLQ past `x-delivery-limit`.
+    pub async fn nack(&self, tag: u64) -> Result<(), BrokerError> {
+        self.usable()?;
+        let channel = self.channel.get_ref();
+        Compat::new(channel.basic_nack(BasicNackArguments::new(tag, false, true)))
+            .await
+            .map_err(|e| self.lost(e))
+    }
+
+    /// Closes the channel, so every unacked message returns to the queue (cancelling the
+    /// consumer alone does not return them on RabbitMQ 3.10).
+    pub async fn close(self) {
+        let channel = self.channel.into_inner();
+        let closing = async move {
+            channel
+                .close()
+                .await
+                .map_err(|e| BrokerError::Closed(e.to_string()))
+        };
+        if let Err(e) = detached(CLOSE_TIMEOUT, closing).await {
+            log::debug!("closing the consumer channel of {}: {e}", self.queue);
+        }
+    }
+
+    /// The queue this consumer reads.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The broker connection generation this consumer belongs to (see `Broker::generation`).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn usable(&self) -> Result<(), BrokerError> {
+        if self.channel.get_ref().is_open() {
+            Ok(())
+        } else {
+            Err(self.lost("the channel is closed"))
+        }
+    }
+
+    fn lost(&self, e: impl std::fmt::Display) -> BrokerError {
+        let reason = self
+            .closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let reason = match reason {
+            Some((code, text)) => format!("{code} {text}"),
+            None => e.to_string(),
+        };
+        BrokerError::Closed(format!(
+            "the consumer of {} is gone ({reason}); its unacked messages return to the queue",
+            self.queue
+        ))
+    }
+}
+
+/// Hands deliveries from amqprs' consumer task to [`Consumer::next`].
+struct Forwarder {
+    tx: async_channel::Sender<Delivery>,
+}
+
+#[async_trait]
+impl AsyncConsumer for Forwarder {
+    async fn consume(
+        &mut self,
+        _channel: &Channel,
+        deliver: Deliver,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) {
+        let header = |name: &str| {
+            let value = properties.headers()?.get(&name.try_into().ok()?)?;
+            Some(value)
+        };
+        let text = |name: &str| match header(name)? {
+            FieldValue::S(s) => Some(String::from(s.clone())),
+            _ => None,
+        };
+        let delivery = Delivery {
+            tag: deliver.delivery_tag(),
+            body,
+            redelivered: deliver.redelivered(),
+            delivery_count: header("x-delivery-count").and_then(as_count),
+            message_id: properties.message_id().cloned(),
+            sender: text(super::HEADER_SENDER),
+            recipient: text(super::HEADER_RECIPIENT),
+        };
+        // Unbounded, but bounded in practice by the consumer's prefetch. If the Consumer is
+        // gone, the message stays unacked and returns to the queue with the channel.
+        let _ = self.tx.try_send(delivery);
+    }
+}
+
+fn as_count(v: &FieldValue) -> Option<u64> {
+    match *v {
+        FieldValue::b(n) => u64::try_from(n).ok(),
+        FieldValue::B(n) => Some(n.into()),
+        FieldValue::s(n) => u64::try_from(n).ok(),
+        FieldValue::u(n) => Some(n.into()),
+        FieldValue::I(n) => u64::try_from(n).ok(),
+        FieldValue::i(n) => Some(n.into()),
+        FieldValue::l(n) => u64::try_from(n).ok(),
+        FieldValue::T(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Records why RabbitMQ closed a consumer channel, and logs cancellations.
+struct ConsumerWatch {
+    queue: String,
+    closed: CloseSlot,
+    closed_channels: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl ChannelCallback for ConsumerWatch {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        log::warn!(
+            "RabbitMQ closed the consumer channel of {}: {} {}",
+            self.queue,
+            close.reply_code(),
+            close.reply_text()
+        );
+        self.closed_channels.fetch_add(1, Ordering::Relaxed);
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((close.reply_code(), close.reply_text().clone()));
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        _cancel: Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        log::warn!(
+            "RabbitMQ cancelled the consumer of {} (queue deleted or moved); it ends now",
+            self.queue
+        );
+        Ok(())
+    }
+
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &Channel, _ack: Ack) {}
+
+    async fn publish_nack(&mut self, _channel: &Channel, _nack: Nack) {}
+
+    async fn publish_return(
+        &mut self,
+        _channel: &Channel,
+        _ret: Return,
+        _properties: BasicProperties,
+        _content: Vec<u8>,
+    ) {
+    }
+}

@@ -1,0 +1,368 @@
+//! The publishing channel: publisher confirms matched to publishes by delivery tag.
+//!
+//! After `confirm.select`, RabbitMQ numbers the publishes of a channel 1, 2, 3, … in wire
+//! order and answers each with `basic.ack` or `basic.nack` (possibly `multiple`, covering
+//! every lower tag too). An unroutable `mandatory` publish first comes back as `basic.return`
+//! and is then acked, so a return marks its publish as refused before the ack settles it.
+//! amqprs does none of this bookkeeping; this module does.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{BasicPublishArguments, Channel};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
+use async_compat::Compat;
+use async_trait::async_trait;
+
+use super::BrokerError;
+use crate::protocol::Header;
+
+/// The outcome a waiting publish receives.
+type Outcome = Result<(), BrokerError>;
+
+struct Pending {
+    done: async_channel::Sender<Outcome>,
+    message_id: String,
+    recipient: String,
+    /// Set by `basic.return`: the later ack must become a refusal.
+    returned: Option<String>,
+}
+
+#[derive(Default)]
+struct ConfirmState {
+    /// Why the channel can take no more publishes, once it cannot.
+    closed: Option<String>,
+    pending: BTreeMap<u64, Pending>,
+}
+
+/// Publishes waiting for their confirm, by delivery tag.
+#[derive(Default)]
+pub(super) struct Confirms {
+    state: Mutex<ConfirmState>,
+}
+
+impl Confirms {
+    fn lock(&self) -> MutexGuard<'_, ConfirmState> {
+        // A panic while holding this lock cannot leave the map half-updated in a way that
+        // matters more than refusing service, so a poisoned lock is simply reused.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(
+        &self,
+        tag: u64,
+        message_id: String,
+        recipient: String,
+    ) -> Result<async_channel::Receiver<Outcome>, BrokerError> {
+        let mut state = self.lock();
+        if let Some(reason) = &state.closed {
+            return Err(BrokerError::Closed(reason.clone()));
+        }
+        let (done, rx) = async_channel::bounded(1);
+        state.pending.insert(
+            tag,
+            Pending {
+                done,
+                message_id,
+                recipient,
+                returned: None,
+            },
+        );
+        Ok(rx)
+    }
+
+    fn forget(&self, tag: u64) {
+        self.lock().pending.remove(&tag);
+    }
+
+    /// Removes and returns the publishes a confirm for `tag` settles.
+    fn take(state: &mut ConfirmState, tag: u64, multiple: bool) -> Vec<Pending> {
+        if multiple {
+            let rest = state.pending.split_off(&(tag.saturating_add(1)));
+            std::mem::replace(&mut state.pending, rest)
+                .into_values()
+                .collect()
+        } else {
+            state.pending.remove(&tag).into_iter().collect()
+        }
+    }
+
+    fn ack(&self, tag: u64, multiple: bool) {
+        let settled = Self::take(&mut self.lock(), tag, multiple);
+        for p in settled {
+            let outcome = match p.returned {
+                Some(reason) => Err(BrokerError::Refused(reason)),
+                None => Ok(()),
+            };
+            let _ = p.done.try_send(outcome);
+        }
+    }
+
+    fn nack(&self, tag: u64, multiple: bool) {
+        let settled = Self::take(&mut self.lock(), tag, multiple);
+        for p in settled {
+            let reason = p.returned.unwrap_or_else(|| {
+                format!(
+                    "RabbitMQ refused message {} for {} (basic.nack): the recipient's queue is \
+                     full (x-overflow=reject-publish) or has lost its quorum; try again later",
+                    p.message_id, p.recipient
+                )
+            });
+            let _ = p.done.try_send(Err(BrokerError::Refused(reason)));
+        }
+    }
+
+    /// Marks the oldest unsettled publish of `message_id` as returned (unroutable).
+    fn returned(&self, message_id: Option<&str>, reason: String) {
+        let mut state = self.lock();
+        let hit = state
+            .pending
+            .values_mut()
+            .find(|p| p.returned.is_none() && Some(p.message_id.as_str()) == message_id);
+        match hit {
+            Some(p) => p.returned = Some(reason),
+            None => {
+                log::warn!("RabbitMQ returned a message this server is not waiting for: {reason}")
+            }
+        }
+    }
+
+    /// Fails every waiting publish and refuses new ones: the channel is gone.
+    pub(super) fn fail_all(&self, reason: &str) {
+        let settled = {
+            let mut state = self.lock();
+            if state.closed.is_none() {
+                state.closed = Some(reason.to_owned());
+            }
+            std::mem::take(&mut state.pending)
+        };
+        for p in settled.into_values() {
+            let _ = p.done.try_send(Err(BrokerError::Closed(format!(
+                "{reason}; message {} may or may not be stored, send it again",
+                p.message_id
+            ))));
+        }
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+/// The channel every publish goes through, in confirm mode.
+pub(super) struct Publisher {
+    /// Wrapped so that dropping it anywhere enters the tokio context amqprs needs.
+    channel: Compat<Channel>,
+    /// The tag the next publish gets; held across `basic_publish` so tag order is wire order.
+    next_tag: smol::lock::Mutex<u64>,
+    pub(super) confirms: Arc<Confirms>,
+}
+
+impl Publisher {
+    /// Puts `channel` in confirm mode. Runs inside `Compat`.
+    pub(super) async fn open(
+        channel: Channel,
+        node: String,
+        kick: async_channel::Sender<String>,
+    ) -> Result<Self, amqprs::error::Error> {
+        let confirms = Arc::new(Confirms::default());
+        channel
+            .register_callback(PublisherWatch {
+                confirms: confirms.clone(),
+                kick,
+                node,
+            })
+            .await?;
+        channel
+            .confirm_select(amqprs::channel::ConfirmSelectArguments::new(false))
+            .await?;
+        Ok(Self {
+            channel: Compat::new(channel),
+            next_tag: smol::lock::Mutex::new(1),
+            confirms,
+        })
+    }
+
+    /// Publishes and waits for the confirm. Runs inside `Compat`.
+    pub(super) async fn publish(
+        &self,
+        exchange: &str,
+        header: &Header,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let message_id = header.id.0.to_string();
+        let mut headers = FieldTable::new();
+        for (key, value) in [
+            (super::HEADER_SENDER, header.sender.as_str()),
+            (super::HEADER_RECIPIENT, header.recipient.as_str()),
+        ] {
+            if let Ok(key) = key.try_into() {
+                headers.insert(key, FieldValue::from(value));
+            }
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
+            .with_content_type(super::CONTENT_TYPE)
+            .with_message_id(&message_id)
+            .with_message_type(header.kind.as_str())
+            .with_timestamp(header.created_at_ms / 1000)
+            .with_headers(headers)
+            .finish();
+        let args = BasicPublishArguments::new(exchange, header.recipient.as_str())
+            .mandatory(true)
+            .finish();
+
+        let (tag, outcome) = {
+            let mut next_tag = self.next_tag.lock().await;
+            let tag = *next_tag;
+            let outcome =
+                self.confirms
+                    .register(tag, message_id.clone(), header.recipient.to_string())?;
+            if let Err(e) = self
+                .channel
+                .get_ref()
+                .basic_publish(properties, body, args)
+                .await
+            {
+                self.confirms.forget(tag);
+                return Err(BrokerError::Closed(format!(
+                    "could not hand message {message_id} to RabbitMQ: {e}"
+                )));
+            }
+            *next_tag += 1;
+            (tag, outcome)
+        };
+
+        let confirmed = async {
+            outcome.recv().await.unwrap_or_else(|_| {
+                Err(BrokerError::Closed(format!(
+                    "the RabbitMQ connection closed before message {message_id} was confirmed; \
+                     it may or may not be stored, send it again"
+                )))
+            })
+        };
+        let expired = async {
+            async_io::Timer::after(timeout).await;
+            Err(BrokerError::Timeout)
+        };
+        let result = futures_lite::future::or(confirmed, expired).await;
+        if matches!(result, Err(BrokerError::Timeout)) {
+            self.confirms.forget(tag);
+        }
+        result
+    }
+}
+
+/// Receives confirms and returns of the publishing channel, and notices its closure.
+struct PublisherWatch {
+    confirms: Arc<Confirms>,
+    /// Tells the connection supervisor that the channel is gone and must be rebuilt.
+    kick: async_channel::Sender<String>,
+    node: String,
+}
+
+#[async_trait]
+impl ChannelCallback for PublisherWatch {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        let reason = format!(
+            "RabbitMQ at {} closed the publishing channel: {} {}",
+            self.node,
+            close.reply_code(),
+            close.reply_text()
+        );
+        self.confirms.fail_all(&reason);
+        let _ = self.kick.try_send(reason);
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        _cancel: Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        if !active {
+            log::warn!("RabbitMQ at {} paused publishing (channel.flow)", self.node);
+        }
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
+        self.confirms.ack(ack.delivery_tag(), ack.mutiple());
+    }
+
+    async fn publish_nack(&mut self, _channel: &Channel, nack: Nack) {
+        self.confirms.nack(nack.delivery_tag(), nack.multiple());
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &Channel,
+        ret: Return,
+        properties: BasicProperties,
+        _content: Vec<u8>,
+    ) {
+        let reason =
+            format!(
+            "no queue takes messages for recipient {:?}: RabbitMQ returned message {} ({} {}); \
+             its queue is not declared (is the agent in the directory?)",
+            ret.routing_key(),
+            properties.message_id().map(String::as_str).unwrap_or("without id"),
+            ret.reply_code(),
+            ret.reply_text()
+        );
+        self.confirms
+            .returned(properties.message_id().map(String::as_str), reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(rx: &async_channel::Receiver<Outcome>) -> Option<Outcome> {
+        rx.try_recv().ok()
+    }
+
+    #[test]
+    fn multiple_ack_settles_every_lower_tag_and_return_turns_ack_into_refusal() {
+        let c = Confirms::default();
+        let r1 = c.register(1, "a".into(), "x".into()).unwrap();
+        let r2 = c.register(2, "b".into(), "x".into()).unwrap();
+        let r3 = c.register(3, "c".into(), "x".into()).unwrap();
+        c.returned(Some("b"), "unroutable".into());
+        c.ack(2, true);
+        assert!(matches!(wait(&r1), Some(Ok(()))));
+        assert!(matches!(wait(&r2), Some(Err(BrokerError::Refused(r))) if r == "unroutable"));
+        assert!(wait(&r3).is_none());
+        c.nack(3, false);
+        assert!(matches!(wait(&r3), Some(Err(BrokerError::Refused(_)))));
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn fail_all_fails_waiters_and_refuses_new_publishes() {
+        let c = Confirms::default();
+        let r1 = c.register(1, "a".into(), "x".into()).unwrap();
+        c.fail_all("gone");
+        assert!(matches!(wait(&r1), Some(Err(BrokerError::Closed(_)))));
+        assert!(matches!(
+            c.register(2, "b".into(), "x".into()),
+            Err(BrokerError::Closed(_))
+        ));
+    }
+}
