@@ -85,6 +85,10 @@ pub struct ServerArgs {
     /// unacknowledged deliveries in flight per connected agent [env DMR_PREFETCH] [default 64]
     #[argh(option, default = "64")]
     pub prefetch: u16,
+
+    /// seconds an agent has to complete the handshake [env DMR_HANDSHAKE_TIMEOUT] [default 10]
+    #[argh(option, default = "10")]
+    pub handshake_timeout: u64,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -172,6 +176,7 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[(
         ("delivery-limit", false),
         ("max-message-bytes", false),
         ("prefetch", false),
+        ("handshake-timeout", false),
     ],
 )];
 
@@ -207,7 +212,9 @@ pub fn parse<T: FromArgs>(
         Err(early) => {
             let ok = early.status.is_ok();
             if ok {
-                println!("{}", early.output);
+                // `--help | head` closes stdout early; that is not an error worth a panic.
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "{}", early.output);
             } else {
                 eprintln!(
                     "{}\nRun `{program} --help` for usage.",

@@ -1,0 +1,214 @@
+//! HTTP on smol: the accept loop both binaries serve their endpoints with, small response
+//! helpers, and a minimal client for webhooks and CentOps.
+//!
+//! hyper does the protocol work; this module only adapts it to smol and to [`Stream`], so
+//! a WebSocket upgrade can take the connection back out of hyper.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_rustls::TlsAcceptor;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use smol::net::TcpListener;
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+use crate::transport::{self, Stream};
+
+/// The connection type hyper serves; what an upgrade hands back.
+pub type Io = FuturesIo<Stream>;
+/// Every response body here is a complete buffer.
+pub type Body = Full<Bytes>;
+
+/// Serves `handler` on `listener` until `stop` resolves. Each connection runs in its own
+/// task; TLS, when configured, is negotiated in that task so a slow client blocks no one.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: H,
+    stop: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let accept = async {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tls, handler) = (tls.clone(), handler.clone());
+            smol::spawn(async move {
+                let stream = match tls {
+                    None => Stream::Plain(tcp),
+                    Some(acceptor) => {
+                        match with_timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Some(Ok(s)) => Stream::TlsServer(Box::new(s)),
+                            Some(Err(e)) => {
+                                return log::debug!("TLS handshake with {peer} failed: {e}")
+                            }
+                            None => return log::debug!("TLS handshake with {peer} timed out"),
+                        }
+                    }
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(SmolTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(FuturesIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    log::debug!("HTTP connection from {peer} ended: {e}");
+                }
+            })
+            .detach();
+        }
+    };
+    futures_lite::future::or(accept, stop).await;
+}
+
+/// Runs `fut` for at most `limit`; `None` when time ran out.
+pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        smol::Timer::after(limit).await;
+        None
+    })
+    .await
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
+    r
+}
+
+/// A JSON error body `{"error": message}`.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// A plain-text response (health checks, Prometheus metrics).
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        content_type.parse().expect("static header"),
+    );
+    r
+}
+
+/// Reads a request body of at most `max` bytes; `Err(true)` when it was too large.
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, bool> {
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(e
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()),
+    }
+}
+
+/// Why an outgoing HTTP request failed before a status came back.
+#[derive(Debug)]
+pub struct ClientError(pub String);
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// One HTTP/1.1 request on a fresh connection, bounded by `timeout` as a whole.
+/// `https://` uses `tls` (or the web PKI roots when it is `None`).
+pub async fn request(
+    req: Request<Body>,
+    tls: Option<&futures_rustls::TlsConnector>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    with_timeout(timeout, request_inner(req, tls))
+        .await
+        .unwrap_or_else(|| Err(ClientError(format!("no answer within {timeout:?}"))))
+}
+
+async fn request_inner(
+    mut req: Request<Body>,
+    tls: Option<&futures_rustls::TlsConnector>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let uri = req.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?;
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let default_tls;
+    let tls = match (https, tls) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t),
+        (true, None) => {
+            default_tls = transport::client_tls(None).map_err(|e| ClientError(e.0))?;
+            Some(&default_tls)
+        }
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = transport::dial(host, port, tls)
+        .await
+        .map_err(|e| ClientError(format!("cannot connect to {host}:{port}: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+        .await
+        .map_err(|e| ClientError(format!("HTTP handshake with {host}:{port}: {e}")))?;
+    let driver = smol::spawn(async move {
+        let _ = conn.await;
+    });
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    req.headers_mut().insert(
+        hyper::header::HOST,
+        authority
+            .parse()
+            .map_err(|_| ClientError(format!("bad host in {uri}")))?,
+    );
+    *req.uri_mut() = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()
+        .expect("path");
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError(format!("request to {host}:{port} failed: {e}")))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError(format!("reading the answer from {host}:{port}: {e}")))?
+        .to_bytes();
+    drop(driver);
+    Ok((status, body))
+}

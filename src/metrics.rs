@@ -1,0 +1,223 @@
+//! Prometheus metrics of the server and the agent, served on `GET /metrics`.
+//!
+//! Counters are plain atomics from prometheus-client; labels are static strings, so
+//! recording a metric never allocates on the hot path beyond the family's first use.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A counter split by one label.
+pub type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
+
+fn latency() -> Histogram {
+    // 100 µs … ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Metrics of one `dmr-server` process.
+pub struct ServerMetrics {
+    registry: Registry,
+    pub sessions: Gauge,
+    pub handshakes: Labeled,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub accepted: Counter,
+    pub rejected: Labeled,
+    pub deliveries: Counter,
+    pub acks: Counter,
+    pub nacks: Counter,
+    pub confirm_seconds: Histogram,
+    pub rabbitmq_connected: Gauge,
+    pub directory_agents: Gauge,
+    pub directory_reloads: Labeled,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("dmr_server"),
+            sessions: Gauge::default(),
+            handshakes: Labeled::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            accepted: Counter::default(),
+            rejected: Labeled::default(),
+            deliveries: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            confirm_seconds: latency(),
+            rabbitmq_connected: Gauge::default(),
+            directory_agents: Gauge::default(),
+            directory_reloads: Labeled::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "sessions",
+            "Authenticated agent sessions",
+            m.sessions.clone(),
+        );
+        r.register("handshakes", "Handshakes by result", m.handshakes.clone());
+        r.register(
+            "frames_in",
+            "Frames received from agents",
+            m.frames_in.clone(),
+        );
+        r.register("frames_out", "Frames sent to agents", m.frames_out.clone());
+        r.register(
+            "accepted",
+            "Envelopes confirmed durable by RabbitMQ",
+            m.accepted.clone(),
+        );
+        r.register("rejected", "Envelopes refused, by code", m.rejected.clone());
+        r.register(
+            "deliveries",
+            "Envelopes pushed to agents",
+            m.deliveries.clone(),
+        );
+        r.register("acks", "Deliveries acknowledged by agents", m.acks.clone());
+        r.register("nacks", "Deliveries refused by agents", m.nacks.clone());
+        r.register(
+            "confirm_seconds",
+            "Publish to RabbitMQ confirm",
+            m.confirm_seconds.clone(),
+        );
+        r.register(
+            "rabbitmq_connected",
+            "1 while connected to RabbitMQ",
+            m.rabbitmq_connected.clone(),
+        );
+        r.register(
+            "directory_agents",
+            "Agents in the directory",
+            m.directory_agents.clone(),
+        );
+        r.register(
+            "directory_reloads",
+            "Directory loads by result",
+            m.directory_reloads.clone(),
+        );
+        m
+    }
+}
+
+impl ServerMetrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+}
+
+/// Metrics of one `dmr-agent` process.
+pub struct AgentMetrics {
+    registry: Registry,
+    pub connected: Gauge,
+    pub reconnects: Counter,
+    pub sent: Counter,
+    pub accepted: Counter,
+    pub rejected: Labeled,
+    pub delivered: Counter,
+    pub duplicates: Counter,
+    pub stale: Counter,
+    pub webhook_failures: Counter,
+    pub decrypt_failures: Counter,
+    pub send_seconds: Histogram,
+    pub delivery_seconds: Histogram,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("dmr_agent"),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+            sent: Counter::default(),
+            accepted: Counter::default(),
+            rejected: Labeled::default(),
+            delivered: Counter::default(),
+            duplicates: Counter::default(),
+            stale: Counter::default(),
+            webhook_failures: Counter::default(),
+            decrypt_failures: Counter::default(),
+            send_seconds: latency(),
+            delivery_seconds: latency(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "connected",
+            "1 while authenticated to a server",
+            m.connected.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Connections to a server after the first",
+            m.reconnects.clone(),
+        );
+        r.register("sent", "Messages sent to a server", m.sent.clone());
+        r.register(
+            "accepted",
+            "Messages the server confirmed durable",
+            m.accepted.clone(),
+        );
+        r.register(
+            "rejected",
+            "Messages refused, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "delivered",
+            "Messages delivered to the local service",
+            m.delivered.clone(),
+        );
+        r.register(
+            "duplicates",
+            "Redelivered messages dropped as already delivered",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "stale",
+            "Messages dropped as too old or from the future",
+            m.stale.clone(),
+        );
+        r.register(
+            "webhook_failures",
+            "Failed webhook attempts",
+            m.webhook_failures.clone(),
+        );
+        r.register(
+            "decrypt_failures",
+            "Envelopes that failed to open",
+            m.decrypt_failures.clone(),
+        );
+        r.register(
+            "send_seconds",
+            "API request to server acceptance",
+            m.send_seconds.clone(),
+        );
+        r.register(
+            "delivery_seconds",
+            "Sender's timestamp to webhook success",
+            m.delivery_seconds.clone(),
+        );
+        m
+    }
+}
+
+impl AgentMetrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+}
+
+fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}
+
+/// The content type Prometheus expects for [`ServerMetrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -1,0 +1,309 @@
+//! `dmr-server run`: the stateless relay.
+//!
+//! One listener serves the agent WebSocket (`/v1/ws`) and the operator endpoints
+//! (`/healthz`, `/readyz`, `/metrics`). Each authenticated agent gets a [`session`]; the
+//! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
+//! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
+
+mod session;
+mod sessions;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use async_tungstenite::tungstenite::protocol::Role;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::broker::{Broker, Topology};
+use crate::config::{split_list, ConfigError, ServerArgs};
+use crate::directory::Directory;
+use crate::http::{self, Body};
+use crate::metrics::ServerMetrics;
+use crate::protocol::Limits;
+use crate::signals::{self, Signal};
+use crate::transport;
+
+pub use sessions::Sessions;
+
+/// Everything `run` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub amqp_urls: Vec<String>,
+    pub agents_file: Option<PathBuf>,
+    pub centops_url: Option<String>,
+    pub centops_interval: Duration,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub topology: Topology,
+    pub max_message_bytes: usize,
+    pub prefetch: u16,
+    /// How long an agent has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// A session with no frame (not even a pong) for this long is dropped.
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Checks a flag combination and turns it into a configuration.
+    pub fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
+        let amqp_urls = split_list(std::slice::from_ref(&a.amqp_url));
+        if amqp_urls.is_empty() {
+            return Err(ConfigError("--amqp-url is empty".into()));
+        }
+        if a.agents_file.is_none() && a.centops_url.is_none() {
+            return Err(ConfigError("give --agents-file or --centops-url (or both): the server needs the agent directory".into()));
+        }
+        if let Some(u) = &a.centops_url {
+            u.parse::<hyper::Uri>()
+                .ok()
+                .filter(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")))
+                .ok_or_else(|| ConfigError(format!("--centops-url {u:?} is not an http(s) URL")))?;
+        }
+        let tls = match (a.tls_cert, a.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+        };
+        if a.message_ttl == 0
+            || a.delivery_limit == 0
+            || a.max_message_bytes == 0
+            || a.prefetch == 0
+        {
+            return Err(ConfigError("--message-ttl, --delivery-limit, --max-message-bytes and --prefetch must be above 0".into()));
+        }
+        if a.handshake_timeout == 0 {
+            return Err(ConfigError(
+                "--handshake-timeout must be at least 1 second".into(),
+            ));
+        }
+        if a.centops_interval == 0 {
+            return Err(ConfigError(
+                "--centops-interval must be at least 1 second".into(),
+            ));
+        }
+        Ok(Self {
+            listen: a.listen,
+            amqp_urls,
+            agents_file: a.agents_file,
+            centops_url: a.centops_url,
+            centops_interval: Duration::from_secs(a.centops_interval),
+            tls,
+            topology: Topology {
+                prefix: a.queue_prefix,
+                message_ttl_ms: a.message_ttl.saturating_mul(1000),
+                delivery_limit: a.delivery_limit,
+            },
+            max_message_bytes: a.max_message_bytes as usize,
+            prefetch: a.prefetch,
+            handshake_timeout: Duration::from_secs(a.handshake_timeout),
+            idle_timeout: Duration::from_secs(60),
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.max_message_bytes as u32,
+            message_ttl_ms: self.topology.message_ttl_ms,
+        }
+    }
+}
+
+/// State shared by the listener, the sessions and the directory watcher.
+pub(crate) struct Shared {
+    config: ServerConfig,
+    directory: RwLock<Arc<Directory>>,
+    directory_loaded: AtomicBool,
+    sessions: Sessions,
+    broker: Broker,
+    metrics: ServerMetrics,
+    /// Publishes awaiting a confirm; shutdown waits for them.
+    in_flight: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn directory(&self) -> Arc<Directory> {
+        self.directory.read().expect("directory lock").clone()
+    }
+
+    /// Ready = RabbitMQ connected, a directory loaded, and not stopping.
+    fn ready(&self) -> bool {
+        self.broker.is_connected()
+            && self.directory_loaded.load(Ordering::Relaxed)
+            && !self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = ServerConfig::from_args(args)?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(transport::server_tls(cert, key)?),
+        None => None,
+    };
+    let broker = Broker::start(config.amqp_urls.clone(), config.topology.clone())?;
+    let signals = signals::listen()?;
+    smol::block_on(async move {
+        let listener = smol::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        log::info!(
+            "listening on {scheme}://{}/v1/ws (health: /healthz /readyz, metrics: /metrics)",
+            config.listen
+        );
+        let shared = Arc::new(Shared {
+            broker,
+            config,
+            directory: RwLock::default(),
+            directory_loaded: AtomicBool::new(false),
+            sessions: Sessions::default(),
+            metrics: ServerMetrics::default(),
+            in_flight: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let (reload_tx, reload_rx) = async_channel::unbounded();
+        let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
+        let gauge = smol::spawn(track_broker(shared.clone()));
+        let stop = async {
+            while let Ok(sig) = signals.recv().await {
+                match sig {
+                    Signal::Reload => {
+                        let _ = reload_tx.send(()).await;
+                    }
+                    Signal::Terminate => break,
+                }
+            }
+        };
+        let handler = {
+            let shared = shared.clone();
+            move |req, peer| route(shared.clone(), req, peer)
+        };
+        http::serve(listener, tls, handler, stop).await;
+        drop((watcher, gauge));
+        shutdown(&shared).await;
+        Ok(())
+    })
+}
+
+/// Stop order: no new sessions, sessions closed (agents fail over), confirms awaited,
+/// RabbitMQ closed — so nothing already accepted is left unconfirmed.
+async fn shutdown(shared: &Shared) {
+    log::info!("stopping: closing {} sessions", shared.sessions.len());
+    shared.stopping.store(true, Ordering::SeqCst);
+    shared.sessions.close_all("server shutting down");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shared.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+    shared.broker.close().await;
+    log::info!("stopped");
+}
+
+async fn track_broker(shared: Arc<Shared>) {
+    loop {
+        let up = shared.broker.is_connected();
+        shared.metrics.rabbitmq_connected.set(up as i64);
+        smol::Timer::after(Duration::from_millis(500)).await;
+    }
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/ws") => upgrade(shared, req, peer),
+        (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") => http::text(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            shared.metrics.render(),
+        ),
+        (_, "/v1/ws" | "/healthz" | "/readyz" | "/metrics") => {
+            http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
+        _ => http::error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint; try /v1/ws, /healthz, /readyz, /metrics",
+        ),
+    }
+}
+
+fn readyz(shared: &Shared) -> Response<Body> {
+    let broker = shared.broker.is_connected();
+    let directory = shared.directory_loaded.load(Ordering::Relaxed);
+    let status = match shared.ready() {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    http::json(
+        status,
+        &serde_json::json!({
+            "rabbitmq": broker, "directory": directory, "agents": shared.directory().len(),
+            "sessions": shared.sessions.len(),
+        }),
+    )
+}
+
+/// Answers the WebSocket upgrade and starts the session once hyper hands the connection over.
+fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let h = req.headers();
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = h
+        .get(hyper::header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let Some(key) = h
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_ws && version_ok)
+    else {
+        return http::error(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket (version 13) upgrade",
+        );
+    };
+    if shared.stopping.load(Ordering::Relaxed) {
+        return http::error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    smol::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => return log::debug!("WebSocket upgrade from {peer} failed: {e}"),
+        };
+        let Ok(parts) = upgraded.downcast::<http::Io>() else {
+            return log::error!("WebSocket upgrade from {peer}: unexpected connection type");
+        };
+        let cfg = transport::ws_config(shared.config.max_message_bytes);
+        let ws = async_tungstenite::WebSocketStream::from_partially_read(
+            parts.io.into_inner(),
+            parts.read_buf.to_vec(),
+            Role::Server,
+            Some(cfg),
+        )
+        .await;
+        session::run(shared, ws, peer).await;
+    })
+    .detach();
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(hyper::header::UPGRADE, "websocket".parse().expect("static"));
+    headers.insert(
+        hyper::header::CONNECTION,
+        "Upgrade".parse().expect("static"),
+    );
+    headers.insert(
+        hyper::header::SEC_WEBSOCKET_ACCEPT,
+        accept.parse().expect("base64"),
+    );
+    resp
+}

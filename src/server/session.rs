@@ -1,0 +1,450 @@
+//! One agent's WebSocket session: the handshake, then envelopes in and deliveries out.
+//!
+//! Three tasks share a session: the reader (frames from the agent), the writer (the only
+//! one touching the socket's send half, fed by a channel) and the pump (RabbitMQ → agent).
+//! Whatever ends first ends the session; the agent's queue consumer is then closed so every
+//! unacknowledged delivery returns to the queue for the agent's next session.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_lock::Semaphore;
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::Message;
+use futures_util::StreamExt;
+
+use super::sessions::Event;
+use super::Shared;
+use crate::broker::{BrokerError, Consumer};
+use crate::crypto::Challenge;
+use crate::http::with_timeout;
+use crate::protocol::{
+    AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
+use crate::transport::{Stream, WebSocket};
+
+type Sender = async_tungstenite::WebSocketSender<Stream>;
+type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
+
+/// Publishes one session may have waiting for RabbitMQ confirms at once.
+const MAX_PENDING_SENDS: usize = 256;
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// Why a handshake was refused: a metric label and the close reason the agent sees.
+struct Refusal {
+    label: &'static str,
+    reason: String,
+}
+
+fn refuse(label: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        label,
+        reason: reason.into(),
+    }
+}
+
+/// Runs a session to its end.
+pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
+    let (mut tx, mut rx) = ws.split();
+    let limit = shared.config.handshake_timeout;
+    let agent = match with_timeout(limit, handshake(&shared, &mut tx, &mut rx)).await {
+        Some(Ok(agent)) => agent,
+        Some(Err(r)) => return refused(&shared, tx, peer, r).await,
+        None => return refused(&shared, tx, peer, refuse("timeout", "handshake timed out")).await,
+    };
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&[("result", "ok")])
+        .inc();
+    let (session, events) = shared.sessions.register(&agent);
+    shared.metrics.sessions.inc();
+    log::info!("agent {agent} connected from {peer}");
+    let reason = serve(&shared, &agent, tx, rx, events).await;
+    shared.sessions.unregister(&agent, session);
+    shared.metrics.sessions.dec();
+    log::info!("agent {agent} disconnected: {reason}");
+}
+
+async fn refused(shared: &Shared, mut tx: Sender, peer: SocketAddr, r: Refusal) {
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&[("result", r.label)])
+        .inc();
+    log::warn!("refused connection from {peer}: {}", r.reason);
+    let _ = with_timeout(
+        Duration::from_secs(2),
+        tx.send(close_frame(CloseCode::Policy, &r.reason)),
+    )
+    .await;
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> Message {
+    // A close reason may carry at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason[..end].to_owned().into(),
+    }))
+}
+
+fn binary(frame: &ServerFrame) -> Message {
+    Message::binary(frame.encode())
+}
+
+async fn next_frame(rx: &mut Receiver, max: usize) -> Result<ClientFrame, Refusal> {
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                return ClientFrame::decode(&b, max).map_err(|e| refuse("malformed", e.to_string()))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(_)) => return Err(refuse("malformed", "expected a binary frame")),
+            Some(Err(e)) => return Err(refuse("malformed", format!("WebSocket error: {e}"))),
+            None => return Err(refuse("closed", "connection closed during handshake")),
+        }
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+    tx: &mut Sender,
+    rx: &mut Receiver,
+) -> Result<AgentId, Refusal> {
+    let ClientFrame::Hello { version, agent_id } = next_frame(rx, 1024).await? else {
+        return Err(refuse("malformed", "expected Hello as the first frame"));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(refuse(
+            "bad_version",
+            format!(
+                "protocol version {version} not supported; this server speaks {PROTOCOL_VERSION}"
+            ),
+        ));
+    }
+    let Some(entry) = shared.directory().get(&agent_id).cloned() else {
+        return Err(refuse(
+            "unknown_agent",
+            format!("agent {agent_id} is not in the directory"),
+        ));
+    };
+    let challenge = Challenge::new().map_err(|e| refuse("internal", e.to_string()))?;
+    let frame = ServerFrame::Challenge {
+        ephemeral_pk: challenge.ephemeral_pk(),
+        nonce: challenge.nonce(),
+    };
+    tx.send(binary(&frame))
+        .await
+        .map_err(|e| refuse("closed", e.to_string()))?;
+    let ClientFrame::Proof { mac } = next_frame(rx, 1024).await? else {
+        return Err(refuse("malformed", "expected Proof after Challenge"));
+    };
+    if !challenge.verify(&agent_id, &entry.public_key, &mac) {
+        return Err(refuse(
+            "bad_proof",
+            format!("agent {agent_id}: proof of key possession failed"),
+        ));
+    }
+    Ok(agent_id)
+}
+
+/// Maps the delivery numbers the agent sees to RabbitMQ delivery tags of the current consumer.
+#[derive(Default)]
+struct Inflight {
+    next: AtomicU64,
+    tags: Mutex<HashMap<u64, (u64, u64)>>,
+    consumer: Mutex<Option<(u64, Arc<Consumer>)>>,
+}
+
+impl Inflight {
+    fn lookup(&self, delivery: u64) -> Option<(u64, Arc<Consumer>)> {
+        let (generation, tag) = self.tags.lock().expect("tags lock").remove(&delivery)?;
+        let consumer = self.consumer.lock().expect("consumer lock");
+        match &*consumer {
+            Some((g, c)) if *g == generation => Some((tag, c.clone())),
+            // That consumer is gone, so RabbitMQ has already put the message back.
+            _ => None,
+        }
+    }
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    agent: &AgentId,
+    tx: Sender,
+    rx: Receiver,
+    events: async_channel::Receiver<Event>,
+) -> String {
+    let (out, out_rx) = async_channel::bounded::<Message>(1024);
+    let welcome = ServerFrame::Welcome {
+        directory: shared.directory().to_entries(),
+        limits: shared.config.limits(),
+    };
+    let _ = out.try_send(binary(&welcome));
+    let inflight = Arc::new(Inflight::default());
+    let writer = smol::spawn(writer(shared.clone(), tx, out_rx));
+    let pump = smol::spawn(pump(
+        shared.clone(),
+        agent.clone(),
+        inflight.clone(),
+        out.clone(),
+    ));
+    let reader = reader(
+        shared.clone(),
+        agent.clone(),
+        rx,
+        inflight.clone(),
+        out.clone(),
+    );
+    let reason = futures_lite::future::or(reader, event_loop(events, out.clone()))
+        .or(async {
+            let _ = writer_done(&out).await;
+            "connection lost while writing".to_owned()
+        })
+        .await;
+    pump.cancel().await;
+    let consumer = inflight.consumer.lock().expect("consumer lock").take();
+    // The pump is cancelled, so this is the last handle; dropping any other still closes.
+    if let Some(consumer) = consumer.and_then(|(_, c)| Arc::try_unwrap(c).ok()) {
+        consumer.close().await;
+    }
+    // Behind a full queue the close frame may wait a moment; the reason matters to the agent.
+    let _ = with_timeout(
+        Duration::from_secs(1),
+        out.send(close_frame(CloseCode::Normal, &reason)),
+    )
+    .await;
+    out.close();
+    let _ = with_timeout(Duration::from_secs(2), writer).await;
+    reason
+}
+
+use futures_lite::FutureExt;
+
+/// Resolves when the writer has stopped taking messages.
+async fn writer_done(out: &async_channel::Sender<Message>) {
+    while !out.is_closed() {
+        smol::Timer::after(Duration::from_millis(200)).await;
+    }
+}
+
+async fn writer(shared: Arc<Shared>, mut tx: Sender, out: async_channel::Receiver<Message>) {
+    loop {
+        let msg = futures_lite::future::or(async { out.recv().await.ok() }, async {
+            smol::Timer::after(PING_EVERY).await;
+            Some(Message::Ping(Default::default()))
+        })
+        .await;
+        let Some(msg) = msg else { break };
+        let closing = matches!(msg, Message::Close(_));
+        if matches!(msg, Message::Binary(_)) {
+            shared.metrics.frames_out.inc();
+        }
+        if tx.send(msg).await.is_err() || closing {
+            break;
+        }
+    }
+    out.close();
+}
+
+async fn event_loop(
+    events: async_channel::Receiver<Event>,
+    out: async_channel::Sender<Message>,
+) -> String {
+    while let Ok(event) = events.recv().await {
+        match event {
+            Event::Directory(d) => {
+                let _ = out
+                    .send(binary(&ServerFrame::Directory {
+                        directory: d.to_entries(),
+                    }))
+                    .await;
+            }
+            Event::Close(reason) => return reason,
+        }
+    }
+    "session registry closed".into()
+}
+
+async fn reader(
+    shared: Arc<Shared>,
+    agent: AgentId,
+    mut rx: Receiver,
+    inflight: Arc<Inflight>,
+    out: async_channel::Sender<Message>,
+) -> String {
+    let max = shared.config.max_message_bytes + FRAME_OVERHEAD;
+    let sends = Arc::new(Semaphore::new(MAX_PENDING_SENDS));
+    loop {
+        let bytes = match with_timeout(shared.config.idle_timeout, rx.next()).await {
+            None => return "no frame or pong within the idle timeout".into(),
+            Some(None) => return "connection closed".into(),
+            Some(Some(Err(e))) => return format!("WebSocket error: {e}"),
+            Some(Some(Ok(Message::Binary(b)))) => b,
+            Some(Some(Ok(Message::Close(_)))) => return "agent closed the connection".into(),
+            Some(Some(Ok(Message::Text(_)))) => {
+                return "text frames are not part of the protocol".into()
+            }
+            Some(Some(Ok(_))) => continue,
+        };
+        shared.metrics.frames_in.inc();
+        let frame = match ClientFrame::decode(&bytes, max) {
+            Ok(f) => f,
+            Err(e) => return format!("bad frame: {e}"),
+        };
+        match frame {
+            ClientFrame::Send { envelope } => {
+                let permit = sends.acquire_arc().await;
+                let (shared, agent, out) = (shared.clone(), agent.clone(), out.clone());
+                smol::spawn(async move {
+                    let reply = accept(&shared, &agent, envelope).await;
+                    let _ = out.send(binary(&reply)).await;
+                    drop(permit);
+                })
+                .detach();
+            }
+            ClientFrame::Ack { delivery } => settle(&shared, &inflight, delivery, None).await,
+            ClientFrame::Nack { delivery, reason } => {
+                settle(&shared, &inflight, delivery, Some(reason)).await
+            }
+            ClientFrame::Hello { .. } | ClientFrame::Proof { .. } => {
+                return "handshake frame after the handshake".into()
+            }
+        }
+    }
+}
+
+async fn settle(shared: &Shared, inflight: &Inflight, delivery: u64, nack: Option<String>) {
+    let Some((tag, consumer)) = inflight.lookup(delivery) else {
+        return log::debug!("ack/nack for unknown or stale delivery {delivery}");
+    };
+    let result = match &nack {
+        None => {
+            shared.metrics.acks.inc();
+            consumer.ack(tag).await
+        }
+        Some(reason) => {
+            shared.metrics.nacks.inc();
+            let reason: String = reason.chars().take(200).collect();
+            log::warn!("delivery {delivery} refused by the agent: {reason}");
+            consumer.nack(tag).await
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone; RabbitMQ redelivers, and the agent drops the duplicate.
+        log::warn!("could not settle delivery {delivery} with RabbitMQ: {e}");
+    }
+}
+
+/// Validates and publishes one envelope; the answer is `Accepted` only once RabbitMQ confirmed.
+async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerFrame {
+    let h = envelope.header();
+    let id = h.id;
+    let reject = |code: RejectCode, reason: String| {
+        shared
+            .metrics
+            .rejected
+            .get_or_create(&[("code", code.as_str())])
+            .inc();
+        ServerFrame::Rejected { id, code, reason }
+    };
+    if &h.sender != agent {
+        return reject(
+            RejectCode::ForgedSender,
+            format!("sender {} is not the authenticated agent {agent}", h.sender),
+        );
+    }
+    if !shared.directory().contains(&h.recipient) {
+        return reject(
+            RejectCode::UnknownRecipient,
+            format!("recipient {} is not in the directory", h.recipient),
+        );
+    }
+    let body = envelope.to_bytes();
+    if body.len() > shared.config.max_message_bytes {
+        let max = shared.config.max_message_bytes;
+        return reject(
+            RejectCode::TooLarge,
+            format!("envelope of {} bytes exceeds {max}", body.len()),
+        );
+    }
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let started = Instant::now();
+    let result = shared.broker.publish(h, body).await;
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    match result {
+        Ok(()) => {
+            shared
+                .metrics
+                .confirm_seconds
+                .observe(started.elapsed().as_secs_f64());
+            shared.metrics.accepted.inc();
+            ServerFrame::Accepted { id }
+        }
+        Err(e @ BrokerError::NotConnected) => reject(RejectCode::Unavailable, e.to_string()),
+        Err(e @ BrokerError::Refused(_)) => reject(RejectCode::BrokerRefused, e.to_string()),
+        Err(e) => reject(RejectCode::Timeout, e.to_string()),
+    }
+}
+
+/// Feeds the agent from its queue while the session lives, resuming after RabbitMQ
+/// reconnects.
+async fn pump(
+    shared: Arc<Shared>,
+    agent: AgentId,
+    inflight: Arc<Inflight>,
+    out: async_channel::Sender<Message>,
+) {
+    let max = shared.config.max_message_bytes + FRAME_OVERHEAD;
+    for generation in 0u64.. {
+        shared.broker.connected().await;
+        let consumer = match shared.broker.consume(&agent, shared.config.prefetch).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                log::warn!("agent {agent}: cannot consume its queue yet: {e}");
+                smol::Timer::after(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        *inflight.consumer.lock().expect("consumer lock") = Some((generation, consumer.clone()));
+        while let Some(d) = consumer.next().await {
+            let envelope = match Envelope::from_bytes(&d.body, max) {
+                Ok(e) => e,
+                Err(e) => {
+                    log::error!("agent {agent}: undecodable message in its queue ({e}); returning it toward the dead-letter queue");
+                    let _ = consumer.nack(d.tag).await;
+                    continue;
+                }
+            };
+            let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
+            inflight
+                .tags
+                .lock()
+                .expect("tags lock")
+                .insert(delivery, (generation, d.tag));
+            shared.metrics.deliveries.inc();
+            if out
+                .send(binary(&ServerFrame::Deliver { delivery, envelope }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        inflight
+            .tags
+            .lock()
+            .expect("tags lock")
+            .retain(|_, (g, _)| *g != generation);
+        log::info!("agent {agent}: queue consumer ended; resuming when RabbitMQ is back");
+        smol::Timer::after(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,88 @@
+//! The registry of live sessions on this server instance: one per agent id, the newest wins.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::directory::Directory;
+use crate::protocol::AgentId;
+
+/// Something a session must act on that did not come from its own socket.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The directory changed; tell the agent.
+    Directory(Arc<Directory>),
+    /// End the session with this reason (replaced, removed, re-keyed, shutdown).
+    Close(String),
+}
+
+struct Entry {
+    session: u64,
+    events: async_channel::Sender<Event>,
+}
+
+/// Live sessions by agent id.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<AgentId, Entry>>,
+    next: AtomicU64,
+}
+
+impl Sessions {
+    /// Registers a session for `agent`, closing any older one; returns the session number
+    /// and the session's event stream.
+    pub fn register(&self, agent: &AgentId) -> (u64, async_channel::Receiver<Event>) {
+        let session = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = async_channel::unbounded();
+        let old = self.lock().insert(
+            agent.clone(),
+            Entry {
+                session,
+                events: tx,
+            },
+        );
+        if let Some(old) = old {
+            log::info!("agent {agent}: a newer session replaces the current one");
+            let _ = old
+                .events
+                .try_send(Event::Close("replaced by a newer session".into()));
+        }
+        (session, rx)
+    }
+
+    /// Removes `agent`'s entry if it is still `session` (a newer one may have replaced it).
+    pub fn unregister(&self, agent: &AgentId, session: u64) {
+        let mut map = self.lock();
+        if map.get(agent).is_some_and(|e| e.session == session) {
+            map.remove(agent);
+        }
+    }
+
+    pub fn send(&self, agent: &AgentId, event: Event) {
+        if let Some(e) = self.lock().get(agent) {
+            let _ = e.events.try_send(event);
+        }
+    }
+
+    pub fn broadcast(&self, event: Event) {
+        for e in self.lock().values() {
+            let _ = e.events.try_send(event.clone());
+        }
+    }
+
+    pub fn close_all(&self, reason: &str) {
+        self.broadcast(Event::Close(reason.to_owned()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, Entry>> {
+        self.map.lock().expect("sessions lock")
+    }
+}

@@ -1,0 +1,166 @@
+//! Byte streams between agents and servers: plain TCP or TLS (futures-rustls with ring),
+//! and the WebSocket settings both ends use.
+//!
+//! [`Stream`] is one concrete type for every kind of connection, so the HTTP server can
+//! hand a connection back from hyper's upgrade and the agent can dial `ws://` or `wss://`
+//! alike.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::WebSocketStream;
+use futures_lite::{AsyncRead, AsyncWrite};
+use futures_rustls::rustls;
+use futures_rustls::{TlsAcceptor, TlsConnector};
+use smol::net::TcpStream;
+
+/// A connection, with or without TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    TlsServer(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! each_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => $e,
+            Stream::TlsServer($s) => $e,
+            Stream::TlsClient($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_stream!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_stream!(self, s => Pin::new(s).poll_close(cx))
+    }
+}
+
+/// A WebSocket over any [`Stream`].
+pub type WebSocket = WebSocketStream<Stream>;
+
+/// WebSocket limits: a frame may carry one envelope of `max_message_bytes` plus framing.
+pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+    let max = max_message_bytes + crate::protocol::FRAME_OVERHEAD;
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug)]
+pub struct TlsError(pub String);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_pem_items(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// A TLS acceptor for `--tls-cert` (PEM chain) and `--tls-key` (PEM private key).
+pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs = rustls_pemfile::certs(&mut &read_pem_items(cert, "--tls-cert")?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("--tls-cert {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "--tls-cert {}: no CERTIFICATE in the file",
+            cert.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut &read_pem_items(key, "--tls-key")?[..])
+        .map_err(|e| TlsError(format!("--tls-key {}: {e}", key.display())))?
+        .ok_or_else(|| {
+            TlsError(format!(
+                "--tls-key {}: no private key in the file",
+                key.display()
+            ))
+        })?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| TlsError(format!("TLS certificate and key do not work together: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS connector trusting `ca_file` if given, else the built-in web PKI roots.
+pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = read_pem_items(path, "--ca-file")?;
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                let cert =
+                    cert.map_err(|e| TlsError(format!("--ca-file {}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError(format!("--ca-file {}: {e}", path.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError(format!(
+                    "--ca-file {}: no CERTIFICATE in the file",
+                    path.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens TCP (and TLS when `tls` is given) to `host:port`.
+pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Result<Stream> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let s = connector.connect(name, tcp).await?;
+            Ok(Stream::TlsClient(Box::new(s)))
+        }
+    }
+}

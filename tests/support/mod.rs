@@ -1,0 +1,712 @@
+//! Shared harness for the integration tests: real RabbitMQ, real binaries, a protocol-level
+//! test agent, and a recording webhook. Every test gets its own queue prefix and removes
+//! its RabbitMQ objects when done, so tests never see each other's messages.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use amqprs::channel::{
+    BasicConsumeArguments, BasicQosArguments, ExchangeDeleteArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use async_compat::Compat;
+use async_tungstenite::tungstenite::Message;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::Full;
+
+use dmr::crypto::{self, SecretKey};
+use dmr::protocol::{
+    AgentId, ClientFrame, Envelope, Header, Kind, MessageId, ServerFrame, PROTOCOL_VERSION,
+};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_dmr-server");
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_dmr-agent");
+
+/// A fresh, unused loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "t-{test}-{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// One agent's identity for a test: id and key pair.
+pub struct Identity {
+    pub id: AgentId,
+    pub key: SecretKey,
+    pub key_path: PathBuf,
+}
+
+/// A temporary directory with agent keys and the directory file the server reads.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub agents: Vec<Identity>,
+}
+
+impl World {
+    pub fn new(test: &str, ids: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = ids
+            .iter()
+            .map(|id| {
+                let key = SecretKey::generate().unwrap();
+                let key_path = dir.path().join(format!("{id}.key"));
+                std::fs::write(&key_path, key.to_pem()).unwrap();
+                Identity {
+                    id: AgentId::new(*id).unwrap(),
+                    key,
+                    key_path,
+                }
+            })
+            .collect();
+        let w = Self {
+            dir,
+            prefix: unique_prefix(test),
+            agents,
+        };
+        w.write_directory(
+            &w.agents
+                .iter()
+                .map(|a| (a.id.as_str().to_owned(), a.key.public_key()))
+                .collect::<Vec<_>>(),
+        );
+        w
+    }
+
+    pub fn agent(&self, id: &str) -> &Identity {
+        self.agents.iter().find(|a| a.id.as_str() == id).unwrap()
+    }
+
+    pub fn agents_file(&self) -> PathBuf {
+        self.dir.path().join("agents.json")
+    }
+
+    /// Writes the directory file (CentOps shape) atomically.
+    pub fn write_directory(&self, entries: &[(String, crypto::PublicKey)]) {
+        let list: Vec<_> = entries.iter().map(|(id, pk)| serde_json::json!({
+            "id": id, "name": format!("Agency {id}"), "authentication_certificate": pk.to_pem(),
+            "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z",
+        })).collect();
+        let tmp = self.dir.path().join("agents.json.tmp");
+        std::fs::write(&tmp, serde_json::json!({ "response": list }).to_string()).unwrap();
+        std::fs::rename(tmp, self.agents_file()).unwrap();
+    }
+
+    pub fn queue(&self, id: &str) -> String {
+        format!("{}dmr.agent.{id}", self.prefix)
+    }
+
+    pub fn dlq(&self) -> String {
+        format!("{}dmr.dlq", self.prefix)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let mut queues: Vec<String> = self
+            .agents
+            .iter()
+            .map(|a| self.queue(a.id.as_str()))
+            .collect();
+        queues.push(self.dlq());
+        let exchanges = [
+            format!("{}dmr.messages", self.prefix),
+            format!("{}dmr.dlx", self.prefix),
+        ];
+        let _ = smol::block_on(Compat::new(async {
+            let conn = amqp().await;
+            let ch = conn.open_channel(None).await.ok()?;
+            for q in &queues {
+                let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+            }
+            for e in &exchanges {
+                let _ = ch.exchange_delete(ExchangeDeleteArguments::new(e)).await;
+            }
+            let _ = conn.close().await;
+            Some(())
+        }));
+    }
+}
+
+async fn amqp() -> Connection {
+    let mut args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+    args.connection_name("dmr-tests");
+    Connection::open(&args)
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672 (.ci/run starts it)")
+}
+
+/// A message read straight from RabbitMQ.
+pub struct RawMessage {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub headers: String,
+}
+
+/// Reads (without removing) up to `max` messages of `queue`, waiting at most `wait`.
+pub fn peek_queue(queue: &str, max: usize, wait: Duration) -> Vec<RawMessage> {
+    smol::block_on(Compat::new(async {
+        let conn = amqp().await;
+        let ch = conn.open_channel(None).await.unwrap();
+        ch.basic_qos(BasicQosArguments::new(0, max as u16, false))
+            .await
+            .unwrap();
+        let (_, mut rx) = ch
+            .basic_consume_rx(
+                BasicConsumeArguments::new(queue, "")
+                    .manual_ack(true)
+                    .finish(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let end = tokio_sleep_until(wait);
+        tokio_pin(&mut out, &mut rx, max, end).await;
+        // Closing without acks puts everything back.
+        let _ = ch.close().await;
+        let _ = conn.close().await;
+        out
+    }))
+}
+
+fn tokio_sleep_until(wait: Duration) -> Instant {
+    Instant::now() + wait
+}
+
+async fn tokio_pin(
+    out: &mut Vec<RawMessage>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+    max: usize,
+    end: Instant,
+) {
+    while out.len() < max {
+        let left = end.saturating_duration_since(Instant::now());
+        let Ok(Some(m)) = tokio::time::timeout(left, rx.recv()).await else {
+            break;
+        };
+        let props = m.basic_properties;
+        out.push(RawMessage {
+            body: m.content.unwrap_or_default(),
+            message_id: props.as_ref().and_then(|p| p.message_id().cloned()),
+            headers: props
+                .as_ref()
+                .and_then(|p| p.headers().map(|h| format!("{h:?}")))
+                .unwrap_or_default(),
+        });
+    }
+}
+
+/// A running binary, killed when dropped. Its stderr goes to a file for post-mortems.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, bin: &str, args: &[String], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info,dmr=debug")
+            .env("SMOL_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            log,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not stop within 15 s of SIGTERM:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// Plain HTTP GET on loopback; returns status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_call("GET", addr, path, None, &[])
+}
+
+pub fn http_call(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
+    smol::block_on(dmr::http::request(req, None, Duration::from_secs(40)))
+        .ok()
+        .map(|(s, b)| (s.as_u16(), String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// A `dmr-server` on a free port.
+pub struct Server {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    pub fn start(world: &World, name: &str, extra: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(world, name, addr, extra)
+    }
+
+    pub fn start_on(world: &World, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--amqp-url".into(),
+            AMQP_URL.into(),
+            "--agents-file".into(),
+            world.agents_file().display().to_string(),
+            "--queue-prefix".into(),
+            world.prefix.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut s = Self {
+            proc: Proc::spawn(name, SERVER_BIN, &args, world.dir.path()),
+            addr,
+        };
+        s.wait_ready();
+        s
+    }
+
+    pub fn wait_ready(&mut self) {
+        let addr = self.addr;
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Some((200, _)) = http_get(addr, "/readyz") {
+                return;
+            }
+            assert!(
+                self.proc.is_running(),
+                "{} exited:\n{}",
+                self.proc.name,
+                self.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{} not ready in 30 s:\n{}",
+            self.proc.name,
+            self.proc.log_text()
+        );
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(
+            &http_get(self.addr, "/metrics")
+                .map(|r| r.1)
+                .unwrap_or_default(),
+            name,
+        )
+    }
+}
+
+/// Sums every sample of a metric whose line starts with `name` (labels included in `name`).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']) || name.ends_with('}'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A protocol-level agent for tests: speaks frames directly, so tests can also misbehave.
+pub struct TestClient {
+    pub tx: async_tungstenite::WebSocketSender<dmr::transport::Stream>,
+    pub rx: async_tungstenite::WebSocketReceiver<dmr::transport::Stream>,
+    pub directory: Vec<dmr::protocol::AgentEntry>,
+}
+
+/// How a connection attempt ended.
+#[derive(Debug)]
+pub enum Refused {
+    Closed(String),
+    Other(String),
+}
+
+impl TestClient {
+    pub async fn open(url: &str) -> Self {
+        let (host, port) = {
+            let u: hyper::Uri = url.parse().unwrap();
+            (u.host().unwrap().to_owned(), u.port_u16().unwrap())
+        };
+        let stream = dmr::transport::dial(&host, port, None).await.unwrap();
+        let (ws, _) = async_tungstenite::client_async(url, stream).await.unwrap();
+        let (tx, rx) = ws.split();
+        Self {
+            tx,
+            rx,
+            directory: vec![],
+        }
+    }
+
+    /// Connects and authenticates as `id` with `key`.
+    pub async fn connect(url: &str, id: &AgentId, key: &SecretKey) -> Result<Self, Refused> {
+        let mut c = Self::open(url).await;
+        c.send(ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            agent_id: id.clone(),
+        })
+        .await;
+        let ServerFrame::Challenge {
+            ephemeral_pk,
+            nonce,
+        } = c.recv().await?
+        else {
+            panic!("expected Challenge")
+        };
+        let mac = crypto::prove(key, id, &ephemeral_pk, &nonce).unwrap();
+        c.send(ClientFrame::Proof { mac }).await;
+        match c.recv().await? {
+            ServerFrame::Welcome { directory, .. } => {
+                c.directory = directory;
+                Ok(c)
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, f: ClientFrame) {
+        self.tx.send(Message::binary(f.encode())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> bool {
+        self.tx.send(m).await.is_ok()
+    }
+
+    /// Next server frame; a close frame becomes `Refused::Closed(reason)`.
+    pub async fn recv(&mut self) -> Result<ServerFrame, Refused> {
+        loop {
+            match self.rx.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    return Ok(ServerFrame::decode(&b, 4 << 20).unwrap())
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return Err(Refused::Closed(
+                        c.map(|c| c.reason.to_string()).unwrap_or_default(),
+                    ))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Refused::Other(e.to_string())),
+                None => return Err(Refused::Other("closed".into())),
+            }
+        }
+    }
+
+    /// Next frame within `limit`, or None.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Result<ServerFrame, Refused>> {
+        dmr::http::with_timeout(limit, self.recv()).await
+    }
+
+    /// Waits for the answer (Accepted/Rejected) to `id`, skipping other frames.
+    pub async fn answer_for(&mut self, id: MessageId) -> ServerFrame {
+        loop {
+            match self.recv_within(Duration::from_secs(15)).await {
+                Some(Ok(f @ ServerFrame::Accepted { id: i })) if i == id => return f,
+                Some(Ok(f @ ServerFrame::Rejected { id: i, .. })) if i == id => return f,
+                Some(Ok(_)) => continue,
+                other => panic!("no answer for {id}: {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the next `Deliver`.
+    pub async fn next_delivery(&mut self, limit: Duration) -> Option<(u64, Envelope)> {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.recv_within(left).await? {
+                Ok(ServerFrame::Deliver { delivery, envelope }) => {
+                    return Some((delivery, envelope))
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Seals `payload` from `from` to `to` with a fresh id and the current time.
+pub fn envelope(from: &Identity, to: &Identity, payload: &[u8]) -> Envelope {
+    let header = Header {
+        id: MessageId::random(),
+        sender: from.id.clone(),
+        recipient: to.id.clone(),
+        created_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        kind: Kind::chat_message(),
+    };
+    crypto::seal(&from.key, &to.key.public_key(), header, payload).unwrap()
+}
+
+/// A local service's webhook: records every POST body; can be told to fail.
+#[derive(Clone)]
+pub struct Webhook {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Answer 500 while true.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    pub attempts: Arc<std::sync::atomic::AtomicUsize>,
+    _stop: Arc<async_channel::Sender<()>>,
+}
+
+impl Webhook {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        let (r, f, a) = (received.clone(), failing.clone(), attempts.clone());
+        std::thread::spawn(move || {
+            let listener = smol::net::TcpListener::try_from(listener).unwrap();
+            smol::block_on(dmr::http::serve(
+                listener,
+                None,
+                move |req: hyper::Request<hyper::body::Incoming>, _| {
+                    let (r, f, a) = (r.clone(), f.clone(), a.clone());
+                    async move {
+                        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let body = dmr::http::read_body(req.into_body(), 8 << 20)
+                            .await
+                            .unwrap_or_default();
+                        if f.load(std::sync::atomic::Ordering::SeqCst) {
+                            return dmr::http::error(
+                                hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                                "failing on purpose",
+                            );
+                        }
+                        r.lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null));
+                        dmr::http::json(hyper::StatusCode::OK, &serde_json::json!({"ok": true}))
+                    }
+                },
+                async move {
+                    let _ = stop_rx.recv().await;
+                },
+            ));
+        });
+        Self {
+            addr,
+            received,
+            failing,
+            attempts,
+            _stop: Arc::new(stop_tx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/deliver", self.addr)
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// A `dmr-agent` process on a free port.
+pub struct AgentProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl AgentProc {
+    pub fn start(
+        world: &World,
+        id: &str,
+        servers: &[&Server],
+        deliver: Option<&Webhook>,
+        extra: &[&str],
+    ) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let servers: Vec<String> = servers.iter().map(|s| s.ws_url()).collect();
+        Self::start_with(
+            world,
+            id,
+            &servers.join(","),
+            addr,
+            deliver.map(|w| w.url()),
+            extra,
+        )
+    }
+
+    pub fn start_with(
+        world: &World,
+        id: &str,
+        servers: &str,
+        addr: SocketAddr,
+        deliver: Option<String>,
+        extra: &[&str],
+    ) -> Self {
+        let key = world.agent(id).key_path.display().to_string();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--id".into(),
+            id.into(),
+            "--key".into(),
+            key,
+            "--server".into(),
+            servers.into(),
+            "--listen".into(),
+            addr.to_string(),
+        ];
+        if let Some(d) = deliver {
+            args.extend(["--deliver-url".into(), d]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let name = format!("agent-{id}-{}", addr.port());
+        let mut a = Self {
+            proc: Proc::spawn(&name, AGENT_BIN, &args, world.dir.path()),
+            addr,
+        };
+        a.wait_ready();
+        a
+    }
+
+    pub fn wait_ready(&mut self) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Some((200, _)) = http_get(self.addr, "/readyz") {
+                return;
+            }
+            assert!(
+                self.proc.is_running(),
+                "{} exited:\n{}",
+                self.proc.name,
+                self.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{} not ready in 30 s:\n{}",
+            self.proc.name,
+            self.proc.log_text()
+        );
+    }
+
+    /// POSTs a message; returns the status and the parsed body.
+    pub fn send(&self, recipient: &str, payload: serde_json::Value) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({ "recipientId": recipient, "payload": payload }).to_string();
+        self.post("/v1/messages", &body, &[])
+    }
+
+    pub fn post(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let (s, b) =
+            http_call("POST", self.addr, path, Some(body), headers).expect("agent API unreachable");
+        (
+            s,
+            serde_json::from_str(&b).unwrap_or(serde_json::Value::String(b)),
+        )
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(
+            &http_get(self.addr, "/metrics")
+                .map(|r| r.1)
+                .unwrap_or_default(),
+            name,
+        )
+    }
+}
