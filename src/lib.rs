@@ -6,10 +6,24 @@
 //! - [`protocol`]: ids, the envelope and the frames agents and servers exchange.
 //! - [`crypto`]: keys, PEM files, HPKE sealing and the handshake proof.
 //! - [`directory`]: the list of agents and their public keys, as CentOps serves it.
+//! - [`broker`]: RabbitMQ topology, confirmed publishing, consuming and reconnection.
+//! - [`transport`]: plain and TLS byte streams, WebSocket limits.
+//! - [`http`]: hyper on smol — the accept loop, response helpers, a small client.
+//! - [`server`]: `dmr-server run` — authenticated sessions relaying through the broker.
+//! - [`agent`]: `dmr-agent run` — local API, sealing, delivery to the local service.
 //! - [`config`]: command-line flags and their `DMR_*` environment variables.
+//! - [`metrics`]: Prometheus metrics of both binaries.
+//! - [`signals`], [`process`]: process plumbing shared by both binaries.
 
+pub mod agent;
+pub mod broker;
 pub mod config;
 pub mod crypto;
 pub mod directory;
-pub mod logging;
+pub mod http;
+pub mod metrics;
+pub mod process;
 pub mod protocol;
+pub mod server;
+pub mod signals;
+pub mod transport;

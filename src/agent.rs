@@ -1,0 +1,224 @@
+//! `dmr-agent`: an agency's end of DMR.
+//!
+//! The agent holds the agency's private key. It serves the local [`api`], keeps a [`link`]
+//! to one of the servers (failing over between them), seals outgoing messages to the
+//! recipient's key and opens incoming ones in the [`inbox`], which delivers them to the
+//! local service's webhook exactly once per message id thanks to the [`replay`] guard.
+
+mod api;
+mod inbox;
+mod link;
+mod replay;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_lock::Semaphore;
+
+use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, KeygenArgs};
+use crate::crypto::SecretKey;
+use crate::directory::Directory;
+use crate::metrics::AgentMetrics;
+use crate::protocol::{AgentId, ClientFrame, Envelope, Limits, MessageId, RejectCode};
+use crate::signals::{self, Signal};
+
+/// Everything `run` needs, validated.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub id: AgentId,
+    pub key_path: PathBuf,
+    pub servers: Vec<link::ServerUrl>,
+    pub listen: SocketAddr,
+    pub deliver_url: Option<hyper::Uri>,
+    pub api_token: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub max_concurrent_deliveries: usize,
+    /// How long `POST /v1/messages` waits for the server's answer.
+    pub send_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Checks a flag combination and turns it into a configuration.
+    pub fn from_args(a: AgentArgs) -> Result<Self, ConfigError> {
+        let id = require_agent_id(&a.id)?;
+        let key_path = a
+            .key
+            .ok_or_else(|| ConfigError("--key (or DMR_KEY) is required".into()))?;
+        let servers = split_list(&a.server)
+            .iter()
+            .map(|s| link::ServerUrl::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(ConfigError(
+                "--server (or DMR_SERVER) is required, e.g. ws://127.0.0.1:8075/v1/ws".into(),
+            ));
+        }
+        let deliver_url = match a.deliver_url {
+            None => None,
+            Some(u) => Some(
+                u.parse::<hyper::Uri>()
+                    .ok()
+                    .filter(|u| {
+                        u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https"))
+                    })
+                    .ok_or_else(|| {
+                        ConfigError(format!("--deliver-url {u:?} is not an http(s) URL"))
+                    })?,
+            ),
+        };
+        if a.max_concurrent_deliveries == 0 {
+            return Err(ConfigError(
+                "--max-concurrent-deliveries must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            id,
+            key_path,
+            servers,
+            listen: a.listen,
+            deliver_url,
+            api_token: a.api_token.filter(|t| !t.is_empty()),
+            ca_file: a.ca_file,
+            max_concurrent_deliveries: a.max_concurrent_deliveries,
+            send_timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+/// What a send ended with, as the server said it.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Accepted,
+    Rejected(RejectCode, String),
+}
+
+/// An outgoing message waiting for the server's answer; re-sent after a reconnect.
+struct Pending {
+    envelope: Envelope,
+    reply: async_channel::Sender<Outcome>,
+}
+
+/// The current server connection: its number and its outgoing frame queue.
+#[derive(Clone)]
+struct Link {
+    generation: u64,
+    frames: async_channel::Sender<ClientFrame>,
+}
+
+/// State shared by the API, the link and the inbox.
+pub(crate) struct Agent {
+    config: AgentConfig,
+    key: SecretKey,
+    directory: RwLock<Arc<Directory>>,
+    limits: RwLock<Option<Limits>>,
+    link: Mutex<Option<Link>>,
+    pending: Mutex<HashMap<MessageId, Pending>>,
+    replay: Mutex<replay::Guard>,
+    deliveries: Semaphore,
+    metrics: AgentMetrics,
+    stopping: AtomicBool,
+    tls: Option<futures_rustls::TlsConnector>,
+}
+
+impl Agent {
+    fn directory(&self) -> Arc<Directory> {
+        self.directory.read().expect("directory lock").clone()
+    }
+
+    fn limits(&self) -> Option<Limits> {
+        *self.limits.read().expect("limits lock")
+    }
+
+    fn link(&self) -> Option<Link> {
+        self.link.lock().expect("link lock").clone()
+    }
+}
+
+/// `dmr-agent keygen`: writes PREFIX.key (0600) and PREFIX.pub.
+pub fn keygen(args: &KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let out = args
+        .out
+        .as_ref()
+        .ok_or_else(|| ConfigError("--out PREFIX is required".into()))?;
+    let (key, public) = crate::crypto::write_key_pair(out, args.force)
+        .map_err(|e| format!("cannot write the key pair: {e}"))?;
+    println!(
+        "wrote {} (private, keep it secret) and {} (public, for the directory)",
+        key.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = AgentConfig::from_args(args)?;
+    let pem = std::fs::read_to_string(&config.key_path)
+        .map_err(|e| format!("cannot read --key {}: {e}", config.key_path.display()))?;
+    let key = SecretKey::from_pem(&pem)
+        .map_err(|e| format!("--key {}: {e}", config.key_path.display()))?;
+    let needs_tls = config.servers.iter().any(|s| s.tls)
+        || config
+            .deliver_url
+            .as_ref()
+            .is_some_and(|u| u.scheme_str() == Some("https"));
+    let tls = match needs_tls {
+        true => Some(crate::transport::client_tls(config.ca_file.as_deref())?),
+        false => None,
+    };
+    let signals = signals::listen()?;
+    let agent = Arc::new(Agent {
+        deliveries: Semaphore::new(config.max_concurrent_deliveries),
+        replay: Mutex::new(replay::Guard::default()),
+        config,
+        key,
+        directory: RwLock::default(),
+        limits: RwLock::default(),
+        link: Mutex::default(),
+        pending: Mutex::default(),
+        metrics: AgentMetrics::default(),
+        stopping: AtomicBool::new(false),
+        tls,
+    });
+    smol::block_on(async move {
+        let listener = smol::net::TcpListener::bind(agent.config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", agent.config.listen))?;
+        log::info!(
+            "agent {} API on http://{}/v1/messages; public key {:?}",
+            agent.config.id,
+            agent.config.listen,
+            agent.key.public_key()
+        );
+        if agent.config.deliver_url.is_none() {
+            log::warn!(
+                "no --deliver-url: incoming messages stay in the queue until one is configured"
+            );
+        }
+        let link = smol::spawn(link::run(agent.clone()));
+        let stop = async {
+            while let Ok(sig) = signals.recv().await {
+                if sig == Signal::Terminate {
+                    break;
+                }
+            }
+        };
+        let handler = {
+            let agent = agent.clone();
+            move |req, _peer| api::route(agent.clone(), req)
+        };
+        crate::http::serve(listener, None, handler, stop).await;
+        log::info!("stopping: finishing deliveries in progress");
+        agent
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inbox::drain(&agent, Duration::from_secs(10)).await;
+        drop(link);
+        log::info!("stopped");
+        Ok(())
+    })
+}

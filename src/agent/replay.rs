@@ -1,0 +1,87 @@
+//! The replay guard: remembers which message ids were delivered to the local service, so a
+//! redelivery from RabbitMQ (at-least-once) or a replayed envelope never reaches it twice.
+//!
+//! Memory only: ids are kept for the queue TTL plus clock skew, which is as long as
+//! RabbitMQ can hold a copy. A crash between the webhook's 2xx and the `Ack` can still
+//! repeat one message after restart; the webhook body's `id` lets the service drop it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::protocol::MessageId;
+
+/// What to do with an incoming id.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Never seen: deliver it (the id is now marked busy).
+    Fresh,
+    /// Already delivered: just acknowledge.
+    Delivered,
+    /// Another copy is being delivered right now: wait and ask again.
+    Busy,
+}
+
+/// Ids delivered within the window, and ids being delivered now.
+#[derive(Default)]
+pub struct Guard {
+    delivered: HashMap<MessageId, u64>,
+    order: VecDeque<(u64, MessageId)>,
+    busy: HashSet<MessageId>,
+}
+
+impl Guard {
+    /// Classifies `id`; a `Fresh` id is marked busy until [`Guard::finish`].
+    pub fn begin(&mut self, id: MessageId, now_ms: u64) -> Verdict {
+        self.expire(now_ms);
+        if self.delivered.contains_key(&id) {
+            Verdict::Delivered
+        } else if !self.busy.insert(id) {
+            Verdict::Busy
+        } else {
+            Verdict::Fresh
+        }
+    }
+
+    /// Ends a delivery attempt; a delivered id is remembered until `keep_until_ms`.
+    pub fn finish(&mut self, id: MessageId, delivered: bool, keep_until_ms: u64) {
+        self.busy.remove(&id);
+        if delivered && self.delivered.insert(id, keep_until_ms).is_none() {
+            self.order.push_back((keep_until_ms, id));
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&(until, id)) = self.order.front() {
+            if until > now_ms {
+                break;
+            }
+            self.order.pop_front();
+            self.delivered.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_ids_are_remembered_until_their_window_ends() {
+        let mut g = Guard::default();
+        let id = MessageId::random();
+        assert_eq!(g.begin(id, 0), Verdict::Fresh);
+        assert_eq!(g.begin(id, 1), Verdict::Busy);
+        g.finish(id, true, 100);
+        assert_eq!(g.begin(id, 99), Verdict::Delivered);
+        assert_eq!(g.begin(id, 100), Verdict::Fresh);
+    }
+
+    #[test]
+    fn failed_attempts_are_forgotten() {
+        let mut g = Guard::default();
+        let id = MessageId::random();
+        assert_eq!(g.begin(id, 0), Verdict::Fresh);
+        g.finish(id, false, 100);
+        assert_eq!(g.begin(id, 1), Verdict::Fresh);
+        assert!(g.delivered.is_empty());
+    }
+}

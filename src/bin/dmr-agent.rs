@@ -1,0 +1,21 @@
+//! `dmr-agent`: parse flags, then hand over to the library.
+
+use dmr::config::{self, AgentCli, AgentCommand};
+
+fn main() {
+    dmr::process::init();
+    let cli: AgentCli = config::parse(
+        "dmr-agent",
+        std::env::args().skip(1).collect(),
+        config::AGENT_ENV_FLAGS,
+        |k| std::env::var(k).ok(),
+    );
+    let result = match cli.command {
+        AgentCommand::Keygen(args) => dmr::agent::keygen(&args),
+        AgentCommand::Run(args) => dmr::agent::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("dmr-agent: {e}");
+        std::process::exit(1);
+    }
+}
