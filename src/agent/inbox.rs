@@ -36,6 +36,18 @@ pub(super) async fn handle(
     delivery: u64,
     envelope: Envelope,
 ) {
+    if agent.config.deliver_url.is_none() {
+        // Nowhere to deliver: answer nothing, so the message stays unacknowledged and goes
+        // back to the queue when this agent disconnects. A `Nack` would be redelivered at
+        // once and burn through the delivery limit into the DLQ within milliseconds. The
+        // server's prefetch bounds how many are held this way.
+        log::debug!(
+            "holding message {} from {}: no --deliver-url configured",
+            envelope.header().id,
+            envelope.header().sender
+        );
+        return;
+    }
     let _permit = agent.deliveries.acquire().await;
     let answer = match process(&agent, &envelope).await {
         Ok(()) => ClientFrame::Ack { delivery },
