@@ -66,8 +66,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// How often the supervisor checks that amqprs' connection tasks are still alive.
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
-/// RabbitMQ refuses an `x-message-ttl` above 2^32-1 ms (about 49.7 days).
-const MAX_TTL_MS: u64 = u32::MAX as u64;
 
 /// Names and arguments of the RabbitMQ topology (DESIGN §6).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,10 +120,10 @@ impl Topology {
                 self.prefix.len()
             )));
         }
-        if self.message_ttl_ms == 0 || self.message_ttl_ms > MAX_TTL_MS {
+        // RabbitMQ's own upper limit (about 8.9 years on 3.10) is reported by the declaration.
+        if self.message_ttl_ms == 0 || i64::try_from(self.message_ttl_ms).is_err() {
             return Err(BrokerError::Config(format!(
-                "--message-ttl must be from 1 ms to {MAX_TTL_MS} ms (about 49 days, RabbitMQ's \
-                 limit); got {}",
+                "--message-ttl must be a positive number of milliseconds; got {}",
                 self.message_ttl_ms
             )));
         }
@@ -147,10 +145,9 @@ impl Topology {
                 "x-delivery-limit",
                 FieldValue::l(self.delivery_limit.into()),
             ),
-            // validate() keeps the TTL within u32, so it fits an i64.
             (
                 "x-message-ttl",
-                FieldValue::l(self.message_ttl_ms.min(MAX_TTL_MS) as i64),
+                FieldValue::l(i64::try_from(self.message_ttl_ms).unwrap_or(i64::MAX)),
             ),
             ("x-single-active-consumer", FieldValue::t(true)),
         ])
@@ -177,8 +174,8 @@ pub enum BrokerError {
     /// RabbitMQ refused: `basic.nack` (e.g. queue full), `basic.return` (no queue for the
     /// recipient), or a refused consume. Sending the same thing again will not help.
     Refused(String),
-    /// RabbitMQ did not answer within 10 s. For a publish: the message may or may not be
-    /// stored.
+    /// RabbitMQ did not answer in time (10 s for a publish's confirm). For a publish: the
+    /// message may or may not be stored.
     Timeout,
     /// The channel or connection closed while the request was in flight; for a publish the
     /// message may or may not be stored, so send it again (recipients drop duplicates).
@@ -215,8 +212,8 @@ impl fmt::Display for BrokerError {
             ),
             Self::Refused(reason) => write!(f, "refused by RabbitMQ: {reason}"),
             Self::Timeout => f.write_str(
-                "RabbitMQ did not answer within 10 s; a message being published may or may not \
-                 be stored: send it again (recipients drop duplicates)",
+                "RabbitMQ did not answer in time; if this was a publish, the message may or may \
+                 not be stored: send it again (recipients drop duplicates)",
             ),
             Self::Closed(reason) => write!(f, "RabbitMQ channel or connection closed: {reason}"),
             Self::Declare(reason) => f.write_str(reason),
@@ -488,6 +485,10 @@ impl Broker {
             ));
         }
         let live = self.shared.live().ok_or(BrokerError::NotConnected)?;
+        if !live.connection.get_ref().is_open() {
+            // Lost a moment ago; the supervisor is about to notice and reconnect.
+            return Err(BrokerError::NotConnected);
+        }
         if let Some(reason) = lock(&live.signals.blocked).clone() {
             return Err(BrokerError::Blocked(reason));
         }
@@ -754,9 +755,24 @@ async fn connect(
             BrokerError::Closed(format!("{e} (check host, port, user, password and vhost)"))
         })
     };
-    let connection = within(CONNECT_TIMEOUT, opening).await?;
+    let connection = within(CONNECT_TIMEOUT, opening)
+        .await
+        .map_err(|e| match e {
+            BrokerError::Timeout => BrokerError::Closed(format!(
+                "no AMQP handshake within {} s (RabbitMQ starting, stopping or overloaded?)",
+                CONNECT_TIMEOUT.as_secs()
+            )),
+            e => e,
+        })?;
     // On error or timeout below, dropping `connection` closes it.
-    within(SETUP_TIMEOUT, set_up(shared, node, generation, connection)).await
+    let setup = set_up(shared, node, generation, connection);
+    within(SETUP_TIMEOUT, setup).await.map_err(|e| match e {
+        BrokerError::Timeout => BrokerError::Closed(format!(
+            "declaring the topology took over {} s",
+            SETUP_TIMEOUT.as_secs()
+        )),
+        e => e,
+    })
 }
 
 async fn set_up(
@@ -1020,6 +1036,12 @@ impl Op {
                      --message-ttl/--delivery-limit"
                 ))
             }
+            Op::Queue { .. } if code == 406 && text.contains("invalid arg") => {
+                BrokerError::Declare(format!(
+                    "{said}. RabbitMQ does not accept this value; choose another \
+                     --message-ttl/--delivery-limit"
+                ))
+            }
             Op::Exchange { exchange, .. } if code == 406 => BrokerError::Declare(format!(
                 "{said}. The exchange exists with another type or flags; delete it \
                  (rabbitmqadmin delete exchange name={exchange}) if nothing else uses it, or \
@@ -1204,6 +1226,12 @@ mod tests {
         assert!(t.validate().is_ok());
         assert!(Topology {
             prefix: "x".repeat(182),
+            ..t.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(Topology {
+            message_ttl_ms: u64::MAX,
             ..t.clone()
         }
         .validate()
