@@ -66,10 +66,17 @@ impl AsyncWrite for Stream {
 /// A WebSocket over any [`Stream`].
 pub type WebSocket = WebSocketStream<Stream>;
 
+/// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
+/// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
+/// the buffers grow on demand for a large envelope.
+const WS_BUFFER: usize = 8 * 1024;
+
 /// WebSocket limits: a frame may carry one envelope of `max_message_bytes` plus framing.
 pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     let max = max_message_bytes + crate::protocol::FRAME_OVERHEAD;
     WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
@@ -163,4 +170,37 @@ pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Resu
             Ok(Stream::TlsClient(Box::new(s)))
         }
     }
+}
+
+/// Most frames written with one flush: enough to amortise the syscall under load, few
+/// enough that a busy session still flushes often.
+const BATCH: usize = 64;
+
+/// Writes `first` and whatever `more` has ready right now, then flushes once.
+///
+/// Under load this turns one write syscall per frame into one per batch; when idle it is
+/// a plain send. Returns whether a close frame was among the written frames.
+pub async fn send_batch<S>(
+    tx: &mut async_tungstenite::WebSocketSender<S>,
+    first: async_tungstenite::tungstenite::Message,
+    mut more: impl FnMut() -> Option<async_tungstenite::tungstenite::Message>,
+) -> Result<bool, async_tungstenite::tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use async_tungstenite::tungstenite::Message;
+    use futures_util::SinkExt;
+
+    let mut closing = matches!(first, Message::Close(_));
+    tx.feed(first).await?;
+    for _ in 1..BATCH {
+        if closing {
+            break;
+        }
+        let Some(msg) = more() else { break };
+        closing = matches!(msg, Message::Close(_));
+        tx.feed(msg).await?;
+    }
+    tx.flush().await?;
+    Ok(closing)
 }

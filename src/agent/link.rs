@@ -146,7 +146,8 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
             let Some(msg) = msg else {
                 return "stopped".to_owned();
             };
-            if let Err(e) = tx.send(msg).await {
+            let more = || out.try_recv().ok().map(|f| Message::binary(f.encode()));
+            if let Err(e) = transport::send_batch(&mut tx, msg, more).await {
                 return format!("write failed: {e}");
             }
         }

@@ -25,7 +25,7 @@ use crate::http::with_timeout;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
-use crate::transport::{Stream, WebSocket};
+use crate::transport::{self, Stream, WebSocket};
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
@@ -183,7 +183,7 @@ async fn serve(
     rx: Receiver,
     events: async_channel::Receiver<Event>,
 ) -> String {
-    let (out, out_rx) = async_channel::bounded::<Message>(1024);
+    let (out, out_rx) = async_channel::bounded::<Message>(256);
     let welcome = ServerFrame::Welcome {
         directory: shared.directory().to_entries(),
         limits: shared.config.limits(),
@@ -244,12 +244,16 @@ async fn writer(shared: Arc<Shared>, mut tx: Sender, out: async_channel::Receive
         })
         .await;
         let Some(msg) = msg else { break };
-        let closing = matches!(msg, Message::Close(_));
-        if matches!(msg, Message::Binary(_)) {
-            shared.metrics.frames_out.inc();
-        }
-        if tx.send(msg).await.is_err() || closing {
-            break;
+        let count = |m: Message| {
+            if matches!(m, Message::Binary(_)) {
+                shared.metrics.frames_out.inc();
+            }
+            m
+        };
+        let first = count(msg);
+        match transport::send_batch(&mut tx, first, || out.try_recv().ok().map(count)).await {
+            Ok(false) => {}
+            Ok(true) | Err(_) => break,
         }
     }
     out.close();
@@ -389,7 +393,9 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             shared.metrics.accepted.inc();
             ServerFrame::Accepted { id }
         }
-        Err(e @ BrokerError::NotConnected) => reject(RejectCode::Unavailable, e.to_string()),
+        Err(e @ (BrokerError::NotConnected | BrokerError::Blocked(_))) => {
+            reject(RejectCode::Unavailable, e.to_string())
+        }
         Err(e @ BrokerError::Refused(_)) => reject(RejectCode::BrokerRefused, e.to_string()),
         Err(e) => reject(RejectCode::Timeout, e.to_string()),
     }
