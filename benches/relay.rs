@@ -257,12 +257,18 @@ fn agents(world: &World, n: usize, window: usize) -> Report {
         .map(|_| {
             let (next, sent_at, addr) = (next.clone(), sent_at.clone(), a.addr);
             std::thread::spawn(move || {
+                // A local service keeps its connection to the agent open, as real clients do.
+                let client = dmr::http::Client::new(None);
                 while next.fetch_add(1, Ordering::Relaxed) < n {
                     let id = uuid::Uuid::new_v4().to_string();
                     sent_at.lock().unwrap().insert(id.clone(), started.elapsed());
                     let body = serde_json::json!({"id": id, "recipientId": "b", "payload": {"q": "Kas maksuvõlg takistab relvaloa saamist?"}}).to_string();
-                    let (status, text) = http_call("POST", addr, "/v1/messages", Some(&body), &[]).expect("agent API");
-                    assert_eq!(status, 202, "{text}");
+                    let req = hyper::Request::post(format!("http://{addr}/v1/messages"))
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        .unwrap();
+                    let (status, text) = smol::block_on(client.request(req, Duration::from_secs(40))).expect("agent API");
+                    assert_eq!(status, 202, "{text:?}");
                 }
             })
         })

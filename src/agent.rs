@@ -10,6 +10,9 @@ mod inbox;
 mod link;
 mod replay;
 
+/// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
+pub use api::SendRequest;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -122,6 +125,8 @@ pub(crate) struct Agent {
     metrics: AgentMetrics,
     stopping: AtomicBool,
     tls: Option<futures_rustls::TlsConnector>,
+    /// Keep-alive connections to the local service's webhook.
+    webhook: crate::http::Client,
 }
 
 impl Agent {
@@ -182,6 +187,7 @@ pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
         pending: Mutex::default(),
         metrics: AgentMetrics::default(),
         stopping: AtomicBool::new(false),
+        webhook: crate::http::Client::new(tls.clone()),
         tls,
     });
     smol::block_on(async move {

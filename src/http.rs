@@ -119,8 +119,12 @@ pub fn text(
     r
 }
 
-/// Reads a request body of at most `max` bytes; `Err(true)` when it was too large.
+/// Reads a request body of at most `max` bytes; `Err(true)` when it was too large. A body
+/// whose `Content-Length` is already over `max` is refused before any of it is read.
 pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, bool> {
+    if hyper::body::Body::size_hint(&body).lower() > max as u64 {
+        return Err(true);
+    }
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => Err(e
@@ -148,67 +152,147 @@ pub async fn request(
     tls: Option<&futures_rustls::TlsConnector>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ClientError> {
-    with_timeout(timeout, request_inner(req, tls))
-        .await
-        .unwrap_or_else(|| Err(ClientError(format!("no answer within {timeout:?}"))))
+    Client::new(tls.cloned()).request(req, timeout).await
 }
 
-async fn request_inner(
-    mut req: Request<Body>,
-    tls: Option<&futures_rustls::TlsConnector>,
-) -> Result<(StatusCode, Bytes), ClientError> {
-    let uri = req.uri().clone();
-    let host = uri
-        .host()
-        .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?;
-    let https = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let default_tls;
-    let tls = match (https, tls) {
-        (false, _) => None,
-        (true, Some(t)) => Some(t),
-        (true, None) => {
-            default_tls = transport::client_tls(None).map_err(|e| ClientError(e.0))?;
-            Some(&default_tls)
+type Conn = hyper::client::conn::http1::SendRequest<Body>;
+/// A kept connection and the task driving it (dropping the task closes the connection).
+type Kept = (Conn, smol::Task<()>);
+
+/// Idle keep-alive connections kept per host: a webhook sees one host, and reusing its
+/// connections saves a TCP (and TLS) handshake per delivery.
+const IDLE_PER_HOST: usize = 32;
+
+/// An HTTP/1.1 client that reuses keep-alive connections.
+pub struct Client {
+    tls: Option<futures_rustls::TlsConnector>,
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Kept>>>,
+}
+
+impl Client {
+    /// `tls` is used for `https://` (the web PKI roots when `None`).
+    pub fn new(tls: Option<futures_rustls::TlsConnector>) -> Self {
+        Self {
+            tls,
+            idle: Default::default(),
         }
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let stream = transport::dial(host, port, tls)
-        .await
-        .map_err(|e| ClientError(format!("cannot connect to {host}:{port}: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
-        .await
-        .map_err(|e| ClientError(format!("HTTP handshake with {host}:{port}: {e}")))?;
-    let driver = smol::spawn(async move {
-        let _ = conn.await;
-    });
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    req.headers_mut().insert(
-        hyper::header::HOST,
-        authority
+    }
+
+    /// Sends `req` (absolute URL), bounded by `timeout` as a whole.
+    pub async fn request(
+        &self,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        with_timeout(timeout, self.send(req))
+            .await
+            .unwrap_or_else(|| Err(ClientError(format!("no answer within {timeout:?}"))))
+    }
+
+    async fn send(&self, mut req: Request<Body>) -> Result<(StatusCode, Bytes), ClientError> {
+        let uri = req.uri().clone();
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?
+            .as_str()
+            .to_owned();
+        let key = format!("{}://{authority}", uri.scheme_str().unwrap_or("http"));
+        req.headers_mut().insert(
+            hyper::header::HOST,
+            authority
+                .parse()
+                .map_err(|_| ClientError(format!("bad host in {uri}")))?,
+        );
+        *req.uri_mut() = uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
             .parse()
-            .map_err(|_| ClientError(format!("bad host in {uri}")))?,
-    );
-    *req.uri_mut() = uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .parse()
-        .expect("path");
-    let resp = sender
+            .expect("path");
+        if let Some((mut conn, task)) = self.take_idle(&key) {
+            // A kept connection the peer closed meanwhile fails at once; only then retry fresh.
+            if conn.ready().await.is_ok() {
+                let retry = clone_request(&req);
+                match exchange(&mut conn, req).await {
+                    Ok(r) => return Ok(self.keep(key, conn, task, r)),
+                    Err(_) => req = retry,
+                }
+            }
+        }
+        let (mut conn, task) = self.connect(&uri).await?;
+        let r = exchange(&mut conn, req).await?;
+        Ok(self.keep(key, conn, task, r))
+    }
+
+    fn take_idle(&self, key: &str) -> Option<Kept> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let conns = idle.get_mut(key)?;
+        while let Some((conn, task)) = conns.pop() {
+            if !conn.is_closed() {
+                return Some((conn, task));
+            }
+        }
+        None
+    }
+
+    fn keep<T>(&self, key: String, conn: Conn, task: smol::Task<()>, result: T) -> T {
+        if !conn.is_closed() {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let conns = idle.entry(key).or_default();
+            if conns.len() < IDLE_PER_HOST {
+                conns.push((conn, task));
+            }
+        }
+        result
+    }
+
+    async fn connect(&self, uri: &hyper::Uri) -> Result<Kept, ClientError> {
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?;
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let default_tls;
+        let tls = match (https, &self.tls) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => {
+                default_tls = transport::client_tls(None).map_err(|e| ClientError(e.0))?;
+                Some(&default_tls)
+            }
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let stream = transport::dial(host, port, tls)
+            .await
+            .map_err(|e| ClientError(format!("cannot connect to {host}:{port}: {e}")))?;
+        let (conn, driver) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+            .await
+            .map_err(|e| ClientError(format!("HTTP handshake with {host}:{port}: {e}")))?;
+        let task = smol::spawn(async move {
+            let _ = driver.await;
+        });
+        Ok((conn, task))
+    }
+}
+
+fn clone_request(req: &Request<Body>) -> Request<Body> {
+    let mut r = Request::new(req.body().clone());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, Bytes), ClientError> {
+    let resp = conn
         .send_request(req)
         .await
-        .map_err(|e| ClientError(format!("request to {host}:{port} failed: {e}")))?;
+        .map_err(|e| ClientError(format!("request failed: {e}")))?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| ClientError(format!("reading the answer from {host}:{port}: {e}")))?
+        .map_err(|e| ClientError(format!("reading the answer: {e}")))?
         .to_bytes();
-    drop(driver);
     Ok((status, body))
 }

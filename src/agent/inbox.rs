@@ -164,7 +164,9 @@ async fn post(agent: &Agent, url: &hyper::Uri, body: Bytes) -> Result<(), String
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let (status, _) = crate::http::request(req, agent.tls.as_ref(), WEBHOOK_TIMEOUT)
+    let (status, _) = agent
+        .webhook
+        .request(req, WEBHOOK_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
     if status.is_success() {
