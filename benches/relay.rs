@@ -355,14 +355,27 @@ fn main() {
         "|{:-<36}|{:-<8}|{:-<11}|{:-<9}|{:-<9}|{:-<9}|{:-<9}|",
         "", "", "", "", "", "", ""
     );
-    baseline(&World::new("bench-base", &["a", "b"]), n, window).print();
-    relay(&World::new("bench-relay", &["a", "b"]), n, window).print();
-    agents(
-        &World::new("bench-agents", &["a", "b"]),
-        n.min(2000),
-        window,
-    )
-    .print();
-    crypto(&World::new("bench-crypto", &["a", "b"]), 2000);
-    memory(env_usize("DMR_BENCH_AGENTS", 300));
+    // DMR_BENCH_ONLY=memory (or baseline, relay, agents, crypto) runs one scenario.
+    let only = std::env::var("DMR_BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only == name;
+    if run("baseline") {
+        baseline(&World::new("bench-base", &["a", "b"]), n, window).print();
+    }
+    if run("relay") {
+        relay(&World::new("bench-relay", &["a", "b"]), n, window).print();
+    }
+    if run("agents") {
+        agents(
+            &World::new("bench-agents", &["a", "b"]),
+            n.min(2000),
+            window,
+        )
+        .print();
+    }
+    if run("crypto") {
+        crypto(&World::new("bench-crypto", &["a", "b"]), 2000);
+    }
+    if run("memory") {
+        memory(env_usize("DMR_BENCH_AGENTS", 300));
+    }
 }
