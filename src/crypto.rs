@@ -160,12 +160,26 @@ fn encode_pem(label: &str, der: Vec<u8>) -> String {
 }
 
 fn pem_contents(text: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
-    let p = pem::parse(text.trim()).map_err(|e| CryptoError::Pem(e.to_string()))?;
+    let p = pem::parse(text.trim()).map_err(|e| {
+        CryptoError::Pem(match e {
+            // pem quotes the offending line, which may be a line of the (private) key:
+            // never let key material reach an error message, and so a log.
+            pem::PemError::InvalidHeader(_) => {
+                "a line between BEGIN and END is neither base64 nor a \"Name: value\" header".into()
+            }
+            pem::PemError::MismatchedTags(..) => "the BEGIN and END lines do not match".into(),
+            pem::PemError::MalformedFraming => "malformed PEM framing".into(),
+            other => other.to_string(),
+        })
+    })?;
     if p.tag() != label {
-        return Err(CryptoError::Pem(format!(
-            "expected \"-----BEGIN {label}-----\", found \"{}\"",
-            p.tag()
-        )));
+        // Quote the label only when it looks like one (a damaged file can put key text there).
+        let tag = p.tag();
+        let plain = tag.len() <= 40 && tag.bytes().all(|b| b.is_ascii_uppercase() || b == b' ');
+        return Err(CryptoError::Pem(match plain {
+            true => format!("expected \"-----BEGIN {label}-----\", found \"{tag}\""),
+            false => format!("expected \"-----BEGIN {label}-----\", found another label"),
+        }));
     }
     Ok(p.into_contents())
 }

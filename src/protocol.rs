@@ -36,10 +36,24 @@ impl fmt::Display for ProtocolError {
             Self::TooLarge { len, max } => write!(f, "frame of {len} bytes exceeds limit of {max}"),
             Self::Malformed(e) => write!(f, "malformed frame: {e}"),
             Self::TrailingBytes(n) => write!(f, "malformed frame: {n} trailing bytes"),
-            Self::InvalidId { what, value } => write!(
+            Self::InvalidId { what, value } if value.len() <= 80 => write!(
                 f,
                 "invalid {what} {value:?}: expected 1-64 characters of A-Z a-z 0-9 . _ -"
             ),
+            // Quote only the start of a long value, so errors (and the logs and HTTP answers
+            // they end up in) stay short whatever a peer or a config file sent.
+            Self::InvalidId { what, value } => {
+                let mut end = 64;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                write!(
+                    f,
+                    "invalid {what} {:?}… ({} bytes): expected 1-64 characters of A-Z a-z 0-9 . _ -",
+                    &value[..end],
+                    value.len()
+                )
+            }
         }
     }
 }
@@ -384,6 +398,14 @@ mod tests {
             let err = AgentId::new(bad).unwrap_err();
             assert!(err.to_string().contains("invalid agent id"), "{err}");
         }
+        // A huge value is quoted only in part (at a character boundary).
+        let huge = format!("a{}{}", "ü".repeat(40), "y".repeat(100_000));
+        let err = AgentId::new(huge).unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        assert!(
+            err.contains("100081 bytes") && err.contains("invalid agent id"),
+            "{err}"
+        );
     }
 
     #[test]

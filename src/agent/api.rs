@@ -4,7 +4,7 @@
 //! `{"error": …}` that names the field or condition at fault.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,6 +21,9 @@ use crate::protocol::{AgentId, ClientFrame, Header, Kind, MessageId, RejectCode}
 
 /// Largest request body read before the server's own limit is known.
 const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Time a client has to send the whole request body once its headers arrived (hyper gives
+/// the headers the same 10 s), so a stalled upload cannot hold a connection forever.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
@@ -173,16 +176,26 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     let max = agent
         .limits()
         .map_or(DEFAULT_MAX_BODY, |l| l.max_message_bytes as usize);
-    let body = match http::read_body(req.into_body(), max + 64 * 1024).await {
-        Ok(b) => b,
-        Err(true) => {
+    let read = http::read_body(req.into_body(), max + 64 * 1024);
+    let body = match http::with_timeout(BODY_TIMEOUT, read).await {
+        Some(Ok(b)) => b,
+        Some(Err(true)) => {
             return http::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body over {max} bytes"),
             )
         }
-        Err(false) => {
+        Some(Err(false)) => {
             return http::error(StatusCode::BAD_REQUEST, "could not read the request body")
+        }
+        None => {
+            return http::error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
         }
     };
     let request = match SendRequest::parse(&body, now_ms()) {
