@@ -17,6 +17,11 @@ if timeout 20 rabbitmqctl -q ping >/dev/null 2>&1; then
   echo "RabbitMQ node already running"
 else
   echo "starting RabbitMQ"
+  # RabbitMQ budgets file handles from the open-files limit it boots with (limit - ~100).
+  # At a shell's usual 1024, ~300 quorum queues use it all up and every new AMQP connection
+  # hangs (seen with the benchmark's 300 agents). Debian's systemd unit raises the limit
+  # too; here nothing else would.
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   rabbitmq-server -detached
   # await_startup fails at once while the new node is not yet registered with epmd: poll first.
   for _ in $(seq 60); do timeout 20 rabbitmqctl -q ping >/dev/null 2>&1 && break; sleep 1; done
