@@ -249,6 +249,25 @@ impl Proc {
         }
     }
 
+    /// Waits up to 30 s for `GET /readyz` on `addr` to answer 200, failing early if the
+    /// process exits.
+    pub fn wait_ready(&mut self, addr: SocketAddr) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Some((200, _)) = http_get(addr, "/readyz") {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "{} exited:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{} not ready in 30 s:\n{}", self.name, self.log_text());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -359,25 +378,7 @@ impl Server {
     }
 
     pub fn wait_ready(&mut self) {
-        let addr = self.addr;
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end {
-            if let Some((200, _)) = http_get(addr, "/readyz") {
-                return;
-            }
-            assert!(
-                self.proc.is_running(),
-                "{} exited:\n{}",
-                self.proc.name,
-                self.proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "{} not ready in 30 s:\n{}",
-            self.proc.name,
-            self.proc.log_text()
-        );
+        self.proc.wait_ready(self.addr);
     }
 
     pub fn ws_url(&self) -> String {
@@ -661,24 +662,7 @@ impl AgentProc {
     }
 
     pub fn wait_ready(&mut self) {
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end {
-            if let Some((200, _)) = http_get(self.addr, "/readyz") {
-                return;
-            }
-            assert!(
-                self.proc.is_running(),
-                "{} exited:\n{}",
-                self.proc.name,
-                self.proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "{} not ready in 30 s:\n{}",
-            self.proc.name,
-            self.proc.log_text()
-        );
+        self.proc.wait_ready(self.addr);
     }
 
     /// POSTs a message; returns the status and the parsed body.
