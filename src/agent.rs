@@ -16,7 +16,6 @@ pub use api::SendRequest;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -123,7 +122,6 @@ pub(crate) struct Agent {
     replay: Mutex<replay::Guard>,
     deliveries: Semaphore,
     metrics: AgentMetrics,
-    stopping: AtomicBool,
     tls: Option<futures_rustls::TlsConnector>,
     /// Keep-alive connections to the local service's webhook.
     webhook: crate::http::Client,
@@ -159,72 +157,73 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let config = AgentConfig::from_args(args)?;
-    let pem = std::fs::read_to_string(&config.key_path)
-        .map_err(|e| format!("cannot read --key {}: {e}", config.key_path.display()))?;
-    let key = SecretKey::from_pem(&pem)
-        .map_err(|e| format!("--key {}: {e}", config.key_path.display()))?;
-    let needs_tls = config.servers.iter().any(|s| s.tls)
-        || config
+impl Agent {
+    /// Reads the key and prepares TLS; fails with a message naming the flag at fault.
+    fn new(config: AgentConfig) -> Result<Arc<Self>, Box<dyn std::error::Error>> {
+        let path = config.key_path.display();
+        let pem = std::fs::read_to_string(&config.key_path)
+            .map_err(|e| format!("cannot read --key {path}: {e}"))?;
+        let key = SecretKey::from_pem(&pem).map_err(|e| format!("--key {path}: {e}"))?;
+        let https_webhook = config
             .deliver_url
             .as_ref()
             .is_some_and(|u| u.scheme_str() == Some("https"));
-    let tls = match needs_tls {
-        true => Some(crate::transport::client_tls(config.ca_file.as_deref())?),
-        false => None,
-    };
+        let tls = match config.servers.iter().any(|s| s.tls) || https_webhook {
+            true => Some(crate::transport::client_tls(config.ca_file.as_deref())?),
+            false => None,
+        };
+        Ok(Arc::new(Agent {
+            deliveries: Semaphore::new(config.max_concurrent_deliveries),
+            replay: Mutex::new(replay::Guard::default()),
+            config,
+            key,
+            directory: RwLock::default(),
+            limits: RwLock::default(),
+            link: Mutex::default(),
+            pending: Mutex::default(),
+            metrics: AgentMetrics::default(),
+            webhook: crate::http::Client::new(tls.clone()),
+            tls,
+        }))
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let agent = Agent::new(AgentConfig::from_args(args)?)?;
     let signals = signals::listen()?;
-    let agent = Arc::new(Agent {
-        deliveries: Semaphore::new(config.max_concurrent_deliveries),
-        replay: Mutex::new(replay::Guard::default()),
-        config,
-        key,
-        directory: RwLock::default(),
-        limits: RwLock::default(),
-        link: Mutex::default(),
-        pending: Mutex::default(),
-        metrics: AgentMetrics::default(),
-        stopping: AtomicBool::new(false),
-        webhook: crate::http::Client::new(tls.clone()),
-        tls,
-    });
-    smol::block_on(async move {
-        let listener = smol::net::TcpListener::bind(agent.config.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", agent.config.listen))?;
-        log::info!(
-            "agent {} API on http://{}/v1/messages; public key {:?}",
-            agent.config.id,
-            agent.config.listen,
-            agent.key.public_key()
-        );
-        if agent.config.deliver_url.is_none() {
-            log::warn!(
-                "no --deliver-url: incoming messages stay in the queue until one is configured"
-            );
-        }
-        let link = smol::spawn(link::run(agent.clone()));
-        let stop = async {
-            while let Ok(sig) = signals.recv().await {
-                if sig == Signal::Terminate {
-                    break;
-                }
+    smol::block_on(serve(agent, signals))
+}
+
+async fn serve(
+    agent: Arc<Agent>,
+    signals: async_channel::Receiver<Signal>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let listen = agent.config.listen;
+    let listener = smol::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let (id, public) = (&agent.config.id, agent.key.public_key());
+    log::info!("agent {id} API on http://{listen}/v1/messages; public key {public:?}");
+    if agent.config.deliver_url.is_none() {
+        log::warn!("no --deliver-url: incoming messages stay in the queue until one is configured");
+    }
+    let link = smol::spawn(link::run(agent.clone()));
+    let stop = async {
+        while let Ok(sig) = signals.recv().await {
+            if sig == Signal::Terminate {
+                break;
             }
-        };
-        let handler = {
-            let agent = agent.clone();
-            move |req, _peer| api::route(agent.clone(), req)
-        };
-        crate::http::serve(listener, None, handler, stop).await;
-        log::info!("stopping: finishing deliveries in progress");
-        agent
-            .stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        inbox::drain(&agent, Duration::from_secs(10)).await;
-        drop(link);
-        log::info!("stopped");
-        Ok(())
-    })
+        }
+    };
+    let handler = {
+        let agent = agent.clone();
+        move |req, _peer| api::route(agent.clone(), req)
+    };
+    crate::http::serve(listener, None, handler, stop).await;
+    log::info!("stopping: finishing deliveries in progress");
+    inbox::drain(&agent, Duration::from_secs(10)).await;
+    drop(link);
+    log::info!("stopped");
+    Ok(())
 }

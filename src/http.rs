@@ -16,6 +16,10 @@ use hyper::{Request, Response, StatusCode};
 use smol::net::TcpListener;
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::WebSocketStream;
+
 use crate::transport::{self, Stream};
 
 /// The connection type hyper serves; what an upgrade hands back.
@@ -86,6 +90,58 @@ pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> O
         None
     })
     .await
+}
+
+/// The WebSocket a `101` answer leads to, once hyper hands the connection over.
+pub type Upgrading =
+    std::pin::Pin<Box<dyn Future<Output = Result<transport::WebSocket, String>> + Send>>;
+
+/// Answers a WebSocket upgrade request: the `101` response to return now, and the
+/// WebSocket to come. A request that is not a version 13 WebSocket upgrade is refused with
+/// the reason, for a `400`.
+pub fn upgrade_websocket(
+    req: &mut Request<Incoming>,
+    config: WebSocketConfig,
+) -> Result<(Response<Body>, Upgrading), &'static str> {
+    let h = req.headers();
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = h
+        .get(hyper::header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let Some(key) = h
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_ws && version_ok)
+    else {
+        return Err("expected a WebSocket (version 13) upgrade");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    let websocket = Box::pin(async move {
+        let upgraded = on_upgrade.await.map_err(|e| e.to_string())?;
+        let parts = upgraded
+            .downcast::<Io>()
+            .map_err(|_| "unexpected connection type")?;
+        // Bytes hyper read past the request already belong to the WebSocket.
+        let stream = parts.io.into_inner();
+        let read = parts.read_buf.to_vec();
+        Ok(WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config)).await)
+    });
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(hyper::header::UPGRADE, "websocket".parse().expect("static"));
+    headers.insert(
+        hyper::header::CONNECTION,
+        "Upgrade".parse().expect("static"),
+    );
+    headers.insert(
+        hyper::header::SEC_WEBSOCKET_ACCEPT,
+        accept.parse().expect("base64"),
+    );
+    Ok((resp, websocket))
 }
 
 /// A JSON response.

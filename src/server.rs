@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::handshake::derive_accept_key;
-use async_tungstenite::tungstenite::protocol::Role;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -252,58 +250,20 @@ fn readyz(shared: &Shared) -> Response<Body> {
 
 /// Answers the WebSocket upgrade and starts the session once hyper hands the connection over.
 fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let h = req.headers();
-    let is_ws = h
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let version_ok = h
-        .get(hyper::header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v == "13");
-    let Some(key) = h
-        .get(hyper::header::SEC_WEBSOCKET_KEY)
-        .filter(|_| is_ws && version_ok)
-    else {
-        return http::error(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket (version 13) upgrade",
-        );
-    };
     if shared.stopping.load(Ordering::Relaxed) {
         return http::error(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
     }
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = transport::ws_config(shared.config.max_message_bytes);
+    let (response, websocket) = match http::upgrade_websocket(&mut req, config) {
+        Ok(pair) => pair,
+        Err(refusal) => return http::error(StatusCode::BAD_REQUEST, refusal),
+    };
     smol::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => return log::debug!("WebSocket upgrade from {peer} failed: {e}"),
-        };
-        let Ok(parts) = upgraded.downcast::<http::Io>() else {
-            return log::error!("WebSocket upgrade from {peer}: unexpected connection type");
-        };
-        let cfg = transport::ws_config(shared.config.max_message_bytes);
-        let ws = async_tungstenite::WebSocketStream::from_partially_read(
-            parts.io.into_inner(),
-            parts.read_buf.to_vec(),
-            Role::Server,
-            Some(cfg),
-        )
-        .await;
-        session::run(shared, ws, peer).await;
+        match websocket.await {
+            Ok(ws) => session::run(shared, ws, peer).await,
+            Err(e) => log::debug!("WebSocket upgrade from {peer} failed: {e}"),
+        }
     })
     .detach();
-    let mut resp = Response::new(Body::default());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = resp.headers_mut();
-    headers.insert(hyper::header::UPGRADE, "websocket".parse().expect("static"));
-    headers.insert(
-        hyper::header::CONNECTION,
-        "Upgrade".parse().expect("static"),
-    );
-    headers.insert(
-        hyper::header::SEC_WEBSOCKET_ACCEPT,
-        accept.parse().expect("base64"),
-    );
-    resp
+    response
 }

@@ -17,7 +17,7 @@ use super::inbox::now_ms;
 use super::{Agent, Outcome, Pending};
 use crate::crypto;
 use crate::http::{self, Body};
-use crate::protocol::{AgentId, ClientFrame, Header, Kind, MessageId, RejectCode};
+use crate::protocol::{AgentId, ClientFrame, Envelope, Header, Kind, MessageId, RejectCode};
 
 /// Largest request body read before the server's own limit is known.
 const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -207,7 +207,7 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
             StatusCode::ACCEPTED,
             &serde_json::json!({ "id": id.to_string() }),
         ),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     };
     agent
         .metrics
@@ -216,22 +216,82 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-fn unavailable(message: impl Into<String>) -> Response<Body> {
-    let mut r = http::error(StatusCode::SERVICE_UNAVAILABLE, message);
-    r.headers_mut()
-        .insert(hyper::header::RETRY_AFTER, "5".parse().expect("static"));
-    r
+/// Why a send was refused; becomes a JSON error response at the edge.
+struct Refusal {
+    status: StatusCode,
+    message: String,
 }
 
-async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Response<Body>> {
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        message: message.into(),
+    }
+}
+
+fn unavailable(message: impl Into<String>) -> Refusal {
+    refuse(StatusCode::SERVICE_UNAVAILABLE, message)
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<Body> {
+        let mut r = http::error(self.status, self.message);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, "5".parse().expect("static"));
+        }
+        r
+    }
+}
+
+async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Refusal> {
     let Some(link) = agent.link() else {
         return Err(unavailable("not connected to a DMR server; retry later"));
     };
+    let id = r.id;
+    let envelope = seal(agent, r)?;
+    let (reply, answer) = async_channel::bounded(1);
+    {
+        let mut pending = agent.pending.lock().expect("pending lock");
+        if pending.contains_key(&id) {
+            let e = format!("id: message {id} is already being sent");
+            return Err(refuse(StatusCode::CONFLICT, e));
+        }
+        let envelope = envelope.clone();
+        pending.insert(id, Pending { envelope, reply });
+    }
+    agent.metrics.sent.inc();
+    // If this link has just dropped, the envelope stays pending and the next link sends it.
+    let _ = link.frames.send(ClientFrame::Send { envelope }).await;
+    let outcome = http::with_timeout(agent.config.send_timeout, answer.recv()).await;
+    agent.pending.lock().expect("pending lock").remove(&id);
+    let (code, response) = match outcome {
+        Some(Ok(Outcome::Accepted)) => {
+            agent.metrics.accepted.inc();
+            return Ok(id);
+        }
+        Some(Ok(Outcome::Rejected(code, reason))) => (code.as_str(), rejection(code, reason)),
+        _ => (
+            "no_answer",
+            refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no confirmation from the server in time; sending again with the same id is safe",
+            ),
+        ),
+    };
+    agent
+        .metrics
+        .rejected
+        .get_or_create(&[("code", code)])
+        .inc();
+    Err(response)
+}
+
+/// Seals the request to the recipient's current key, within the server's size limit.
+fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
     let Some(recipient) = agent.directory().get(&r.recipient).cloned() else {
-        return Err(http::error(
-            StatusCode::NOT_FOUND,
-            format!("recipientId: unknown agent {}", r.recipient),
-        ));
+        let e = format!("recipientId: unknown agent {}", r.recipient);
+        return Err(refuse(StatusCode::NOT_FOUND, e));
     };
     let header = Header {
         id: r.id,
@@ -242,78 +302,31 @@ async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Response<Bo
     };
     let plaintext = serde_json::to_vec(&r.payload).expect("a Value always serializes");
     let envelope = crypto::seal(&agent.key, &recipient.public_key, header, &plaintext)
-        .map_err(|e| http::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    if let Some(limits) = agent.limits() {
-        if envelope.encoded_len() > limits.max_message_bytes as usize {
-            return Err(http::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "encrypted message over the server's limit of {} bytes",
-                    limits.max_message_bytes
-                ),
-            ));
-        }
-    }
-    let (reply, answer) = async_channel::bounded(1);
-    {
-        let mut pending = agent.pending.lock().expect("pending lock");
-        if pending.contains_key(&r.id) {
-            return Err(http::error(
-                StatusCode::CONFLICT,
-                format!("id: message {} is already being sent", r.id),
-            ));
-        }
-        pending.insert(
-            r.id,
-            Pending {
-                envelope: envelope.clone(),
-                reply,
-            },
-        );
-    }
-    agent.metrics.sent.inc();
-    let _ = link.frames.send(ClientFrame::Send { envelope }).await;
-    let outcome = http::with_timeout(agent.config.send_timeout, answer.recv()).await;
-    agent.pending.lock().expect("pending lock").remove(&r.id);
-    match outcome {
-        Some(Ok(Outcome::Accepted)) => {
-            agent.metrics.accepted.inc();
-            Ok(r.id)
-        }
-        Some(Ok(Outcome::Rejected(code, reason))) => {
-            agent
-                .metrics
-                .rejected
-                .get_or_create(&[("code", code.as_str())])
-                .inc();
-            Err(rejection(code, reason))
-        }
-        _ => {
-            agent
-                .metrics
-                .rejected
-                .get_or_create(&[("code", "no_answer")])
-                .inc();
-            Err(http::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "no confirmation from the server in time; sending again with the same id is safe",
-            ))
-        }
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match agent.limits() {
+        Some(l) if envelope.encoded_len() > l.max_message_bytes as usize => Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "encrypted message over the server's limit of {} bytes",
+                l.max_message_bytes
+            ),
+        )),
+        _ => Ok(envelope),
     }
 }
 
-fn rejection(code: RejectCode, reason: String) -> Response<Body> {
+fn rejection(code: RejectCode, reason: String) -> Refusal {
     match code {
         RejectCode::UnknownRecipient => {
-            http::error(StatusCode::NOT_FOUND, format!("recipientId: {reason}"))
+            refuse(StatusCode::NOT_FOUND, format!("recipientId: {reason}"))
         }
-        RejectCode::TooLarge => http::error(StatusCode::PAYLOAD_TOO_LARGE, reason),
+        RejectCode::TooLarge => refuse(StatusCode::PAYLOAD_TOO_LARGE, reason),
         RejectCode::Unavailable | RejectCode::BrokerRefused => unavailable(reason),
-        RejectCode::Timeout => http::error(
+        RejectCode::Timeout => refuse(
             StatusCode::GATEWAY_TIMEOUT,
             format!("{reason}; sending again with the same id is safe"),
         ),
-        RejectCode::ForgedSender => http::error(StatusCode::INTERNAL_SERVER_ERROR, reason),
+        RejectCode::ForgedSender => refuse(StatusCode::INTERNAL_SERVER_ERROR, reason),
     }
 }
 
