@@ -606,93 +606,25 @@ impl Broker {
 async fn supervise(shared: Arc<Shared>, _done: async_channel::Sender<()>) {
     let mut failures: u32 = 0;
     let mut first = 0;
-    loop {
-        if shared.stopping.load(Ordering::SeqCst) {
-            break;
-        }
-        let generation = shared.generation.load(Ordering::SeqCst) + 1;
-        let mut session = None;
-        for i in 0..shared.nodes.len() {
-            let index = (first + i) % shared.nodes.len();
-            let node = &shared.nodes[index];
-            let attempt = connect(&shared, node, generation);
-            let stop = async {
-                let _ = shared.stopped.recv().await;
-                Err(BrokerError::Closed("shutting down".to_owned()))
-            };
-            match future::or(stop, attempt).await {
-                Ok(s) => {
-                    session = Some((index, s));
-                    break;
-                }
-                Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
-                Err(BrokerError::Closed(e)) => {
-                    log::warn!("could not connect to RabbitMQ at {}: {e}", node.display)
-                }
-                Err(e) => log::warn!("could not connect to RabbitMQ at {}: {e}", node.display),
-            }
-        }
-        let Some((index, (live, kicked))) = session else {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let Some((index, live, kicked)) = connect_any(&shared, first).await else {
             if shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
             let delay = backoff(failures);
             failures = failures.saturating_add(1);
-            log::warn!(
-                "no RabbitMQ node reachable ({}); retrying in {} ms",
-                shared
-                    .nodes
-                    .iter()
-                    .map(|n| n.display.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                delay.as_millis()
-            );
-            let stop = async {
-                let _ = shared.stopped.recv().await;
-            };
-            future::or(stop, async {
-                async_io::Timer::after(delay).await;
-            })
-            .await;
+            let nodes: Vec<_> = shared.nodes.iter().map(|n| n.display.as_str()).collect();
+            let (nodes, ms) = (nodes.join(", "), delay.as_millis());
+            log::warn!("no RabbitMQ node reachable ({nodes}); retrying in {ms} ms");
+            pause(&shared, delay).await;
             continue;
         };
         first = index;
         let since = Instant::now();
         let end = watch(&shared, &live, &kicked).await;
-
-        let stopping = matches!(end, End::Stop);
-        let reason = match &end {
-            End::Lost(reason) | End::Kicked(reason) => reason.clone(),
-            End::Stop => "this server is shutting down".to_owned(),
-        };
-        {
-            let mut state = shared.state();
-            state.live = None;
-            state.gate = if stopping {
-                None
-            } else {
-                Some(async_channel::bounded(1))
-            };
+        if retire(&shared, live, end).await {
+            break;
         }
-        live.publisher
-            .confirms
-            .fail_all(&format!("connection to {} lost: {reason}", live.node));
-        match end {
-            End::Lost(reason) => {
-                log::warn!("lost the connection to RabbitMQ at {}: {reason}", live.node)
-            }
-            End::Kicked(reason) => {
-                log::warn!("{reason}; reconnecting");
-                close_connection(&live).await;
-            }
-            End::Stop => {
-                log::info!("closing the connection to RabbitMQ at {}", live.node);
-                close_connection(&live).await;
-                break;
-            }
-        }
-        drop(live);
         if since.elapsed() >= STABLE_AFTER {
             failures = 0;
             log::info!("reconnecting to RabbitMQ");
@@ -700,20 +632,78 @@ async fn supervise(shared: Arc<Shared>, _done: async_channel::Sender<()>) {
             let delay = backoff(failures);
             failures = failures.saturating_add(1);
             log::info!("reconnecting to RabbitMQ in {} ms", delay.as_millis());
-            future::or(
-                async {
-                    let _ = shared.stopped.recv().await;
-                },
-                async {
-                    async_io::Timer::after(delay).await;
-                },
-            )
-            .await;
+            pause(&shared, delay).await;
         }
     }
     let mut state = shared.state();
     state.live = None;
     state.gate = None;
+}
+
+/// Tries every node once, starting with the one that worked last; `None` when none
+/// answered (or the broker is stopping).
+async fn connect_any(
+    shared: &Shared,
+    first: usize,
+) -> Option<(usize, Arc<Live>, async_channel::Receiver<String>)> {
+    let generation = shared.generation.load(Ordering::SeqCst) + 1;
+    for i in 0..shared.nodes.len() {
+        let index = (first + i) % shared.nodes.len();
+        let node = &shared.nodes[index];
+        let stop = async {
+            let _ = shared.stopped.recv().await;
+            Err(BrokerError::Closed("shutting down".to_owned()))
+        };
+        match future::or(stop, connect(shared, node, generation)).await {
+            Ok((live, kicked)) => return Some((index, live, kicked)),
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => return None,
+            Err(e) => log::warn!("could not connect to RabbitMQ at {}: {e}", node.display),
+        }
+    }
+    None
+}
+
+/// Takes a connection out of service after `end`: publishes waiting for its confirms
+/// fail, waiters for the next connection are re-armed. Returns whether to stop for good.
+async fn retire(shared: &Shared, live: Arc<Live>, end: End) -> bool {
+    let stopping = matches!(end, End::Stop);
+    {
+        let mut state = shared.state();
+        state.live = None;
+        state.gate = (!stopping).then(|| async_channel::bounded(1));
+    }
+    let reason = match &end {
+        End::Lost(reason) | End::Kicked(reason) => reason.clone(),
+        End::Stop => "this server is shutting down".to_owned(),
+    };
+    live.publisher
+        .confirms
+        .fail_all(&format!("connection to {} lost: {reason}", live.node));
+    match end {
+        End::Lost(reason) => {
+            log::warn!("lost the connection to RabbitMQ at {}: {reason}", live.node)
+        }
+        End::Kicked(reason) => {
+            log::warn!("{reason}; reconnecting");
+            close_connection(&live).await;
+        }
+        End::Stop => {
+            log::info!("closing the connection to RabbitMQ at {}", live.node);
+            close_connection(&live).await;
+        }
+    }
+    stopping
+}
+
+/// Sleeps for `delay`, or less if the broker is being closed.
+async fn pause(shared: &Shared, delay: Duration) {
+    let stop = async {
+        let _ = shared.stopped.recv().await;
+    };
+    let sleep = async {
+        async_io::Timer::after(delay).await;
+    };
+    future::or(stop, sleep).await;
 }
 
 /// `BACKOFF_MIN` doubled per failure, capped at `BACKOFF_MAX`, minus up to 25 % jitter so
