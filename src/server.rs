@@ -197,7 +197,10 @@ async fn shutdown(shared: &Shared) {
     shared.stopping.store(true, Ordering::SeqCst);
     shared.sessions.close_all("server shutting down");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while shared.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+    // Sessions leave the registry once their close frame is written: exiting earlier
+    // would reset the sockets and agents would not learn why.
+    let busy = || shared.in_flight.load(Ordering::SeqCst) > 0 || !shared.sessions.is_empty();
+    while busy() && std::time::Instant::now() < deadline {
         smol::Timer::after(Duration::from_millis(20)).await;
     }
     shared.broker.close().await;

@@ -211,19 +211,17 @@ async fn serve(
         })
         .await;
     pump.cancel().await;
+    // Tell the agent first, so it can fail over while the consumer closes. Behind a full
+    // queue the close frame may wait a moment; the reason matters to the agent.
+    let close = out.send(close_frame(CloseCode::Normal, &reason));
+    let _ = with_timeout(Duration::from_secs(1), close).await;
+    out.close();
+    let _ = with_timeout(Duration::from_secs(2), writer).await;
     let consumer = inflight.consumer.lock().expect("consumer lock").take();
     // The pump is cancelled, so this is the last handle; dropping any other still closes.
     if let Some(consumer) = consumer.and_then(|(_, c)| Arc::try_unwrap(c).ok()) {
         consumer.close().await;
     }
-    // Behind a full queue the close frame may wait a moment; the reason matters to the agent.
-    let _ = with_timeout(
-        Duration::from_secs(1),
-        out.send(close_frame(CloseCode::Normal, &reason)),
-    )
-    .await;
-    out.close();
-    let _ = with_timeout(Duration::from_secs(2), writer).await;
     reason
 }
 
