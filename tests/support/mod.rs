@@ -140,25 +140,41 @@ impl Drop for World {
             format!("{}dmr.messages", self.prefix),
             format!("{}dmr.dlx", self.prefix),
         ];
-        let _ = smol::block_on(Compat::new(async {
-            let conn = amqp().await;
-            let ch = conn.open_channel(None).await.ok()?;
+        smol::block_on(Compat::new(async {
+            // Never panic here: a Drop during a failing test's unwinding would abort.
+            let Ok(conn) = Connection::open(&amqp_args()).await else {
+                return;
+            };
+            // A failed delete closes its channel, so each gets a fresh one and one retry.
             for q in &queues {
-                let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+                for _ in 0..2 {
+                    let Ok(ch) = conn.open_channel(None).await else {
+                        break;
+                    };
+                    if ch.queue_delete(QueueDeleteArguments::new(q)).await.is_ok() {
+                        let _ = ch.close().await;
+                        break;
+                    }
+                }
             }
-            for e in &exchanges {
-                let _ = ch.exchange_delete(ExchangeDeleteArguments::new(e)).await;
+            if let Ok(ch) = conn.open_channel(None).await {
+                for e in &exchanges {
+                    let _ = ch.exchange_delete(ExchangeDeleteArguments::new(e)).await;
+                }
             }
             let _ = conn.close().await;
-            Some(())
         }));
     }
 }
 
-async fn amqp() -> Connection {
+fn amqp_args() -> OpenConnectionArguments {
     let mut args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
     args.connection_name("dmr-tests");
-    Connection::open(&args)
+    args
+}
+
+async fn amqp() -> Connection {
+    Connection::open(&amqp_args())
         .await
         .expect("RabbitMQ must be running on 127.0.0.1:5672 (.ci/run starts it)")
 }
