@@ -100,7 +100,7 @@ impl ServerConfig {
             max_message_bytes: a.max_message_bytes as usize,
             prefetch: a.prefetch,
             handshake_timeout: Duration::from_secs(a.handshake_timeout),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: transport::IDLE_TIMEOUT,
         })
     }
 

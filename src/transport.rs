@@ -10,8 +10,10 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::Message;
 use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::rustls;
@@ -172,23 +174,52 @@ pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Resu
     }
 }
 
+/// A quiet connection is pinged this often, so both ends can tell a dead peer.
+pub const PING_EVERY: Duration = Duration::from_secs(20);
+/// A connection with no frame, ping or pong for this long is dropped (three pings missed).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Most frames written with one flush: enough to amortise the syscall under load, few
 /// enough that a busy session still flushes often.
 const BATCH: usize = 64;
+
+/// The single writer of a WebSocket: writes what `out` yields (as `frame` turns it into a
+/// message), pinging when nothing came for [`PING_EVERY`]. Ends `Ok` when `out` is closed
+/// and drained or a close frame was written, `Err` when the socket fails.
+pub async fn write_loop<S, T>(
+    tx: &mut async_tungstenite::WebSocketSender<S>,
+    out: &async_channel::Receiver<T>,
+    mut frame: impl FnMut(T) -> Message,
+) -> Result<(), async_tungstenite::tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let next =
+            futures_lite::future::or(async { out.recv().await.ok().map(&mut frame) }, async {
+                smol::Timer::after(PING_EVERY).await;
+                Some(Message::Ping(Default::default()))
+            })
+            .await;
+        let Some(first) = next else { return Ok(()) };
+        if send_batch(tx, first, || out.try_recv().ok().map(&mut frame)).await? {
+            return Ok(());
+        }
+    }
+}
 
 /// Writes `first` and whatever `more` has ready right now, then flushes once.
 ///
 /// Under load this turns one write syscall per frame into one per batch; when idle it is
 /// a plain send. Returns whether a close frame was among the written frames.
-pub async fn send_batch<S>(
+async fn send_batch<S>(
     tx: &mut async_tungstenite::WebSocketSender<S>,
-    first: async_tungstenite::tungstenite::Message,
-    mut more: impl FnMut() -> Option<async_tungstenite::tungstenite::Message>,
+    first: Message,
+    mut more: impl FnMut() -> Option<Message>,
 ) -> Result<bool, async_tungstenite::tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    use async_tungstenite::tungstenite::Message;
     use futures_util::SinkExt;
 
     let mut closing = matches!(first, Message::Close(_));

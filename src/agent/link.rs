@@ -19,8 +19,6 @@ use crate::http::with_timeout;
 use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
 use crate::transport::{self, Stream};
 
-const PING_EVERY: Duration = Duration::from_secs(20);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -134,22 +132,9 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
     log::info!("connected to {} as {}", server.url, agent.config.id);
     resend_pending(agent, &frames);
     let writer = async {
-        loop {
-            let msg = futures_lite::future::or(
-                async { out.recv().await.ok().map(|f| Message::binary(f.encode())) },
-                async {
-                    smol::Timer::after(PING_EVERY).await;
-                    Some(Message::Ping(Default::default()))
-                },
-            )
-            .await;
-            let Some(msg) = msg else {
-                return "stopped".to_owned();
-            };
-            let more = || out.try_recv().ok().map(|f| Message::binary(f.encode()));
-            if let Err(e) = transport::send_batch(&mut tx, msg, more).await {
-                return format!("write failed: {e}");
-            }
+        match transport::write_loop(&mut tx, &out, |f| Message::binary(f.encode())).await {
+            Ok(()) => "stopped".to_owned(),
+            Err(e) => format!("write failed: {e}"),
         }
     };
     let reason =
@@ -253,7 +238,7 @@ async fn read_loop(
             .limits()
             .map_or(DEFAULT_MAX_FRAME, |l| l.max_message_bytes as usize)
             + FRAME_OVERHEAD;
-        let bytes = match with_timeout(IDLE_TIMEOUT, rx.next()).await {
+        let bytes = match with_timeout(transport::IDLE_TIMEOUT, rx.next()).await {
             None => return "no frame or ping within the idle timeout".into(),
             Some(None) => return "connection closed".into(),
             Some(Some(Err(e))) => return format!("WebSocket error: {e}"),

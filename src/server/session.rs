@@ -15,6 +15,7 @@ use async_lock::Semaphore;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::Message;
+use futures_lite::future;
 use futures_util::StreamExt;
 
 use super::sessions::Event;
@@ -32,7 +33,6 @@ type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
 
 /// Publishes one session may have waiting for RabbitMQ confirms at once.
 const MAX_PENDING_SENDS: usize = 256;
-const PING_EVERY: Duration = Duration::from_secs(20);
 
 /// Why a handshake was refused: a metric label and the close reason the agent sees.
 struct Refusal {
@@ -190,7 +190,8 @@ async fn serve(
     };
     let _ = out.try_send(binary(&welcome));
     let inflight = Arc::new(Inflight::default());
-    let writer = smol::spawn(writer(shared.clone(), tx, out_rx));
+    let (done, writer_done) = async_channel::bounded::<()>(1);
+    let writer = smol::spawn(writer(shared.clone(), tx, out_rx, done));
     let pump = smol::spawn(pump(
         shared.clone(),
         agent.clone(),
@@ -204,12 +205,15 @@ async fn serve(
         inflight.clone(),
         out.clone(),
     );
-    let reason = futures_lite::future::or(reader, event_loop(events, out.clone()))
-        .or(async {
-            let _ = writer_done(&out).await;
-            "connection lost while writing".to_owned()
-        })
-        .await;
+    let writer_gone = async {
+        let _ = writer_done.recv().await;
+        "connection lost while writing".to_owned()
+    };
+    let reason = future::or(
+        future::or(reader, event_loop(events, out.clone())),
+        writer_gone,
+    )
+    .await;
     pump.cancel().await;
     // Tell the agent first, so it can fail over while the consumer closes. Behind a full
     // queue the close frame may wait a moment; the reason matters to the agent.
@@ -225,35 +229,21 @@ async fn serve(
     reason
 }
 
-use futures_lite::FutureExt;
-
-/// Resolves when the writer has stopped taking messages.
-async fn writer_done(out: &async_channel::Sender<Message>) {
-    while !out.is_closed() {
-        smol::Timer::after(Duration::from_millis(200)).await;
-    }
-}
-
-async fn writer(shared: Arc<Shared>, mut tx: Sender, out: async_channel::Receiver<Message>) {
-    loop {
-        let msg = futures_lite::future::or(async { out.recv().await.ok() }, async {
-            smol::Timer::after(PING_EVERY).await;
-            Some(Message::Ping(Default::default()))
-        })
-        .await;
-        let Some(msg) = msg else { break };
-        let count = |m: Message| {
-            if matches!(m, Message::Binary(_)) {
-                shared.metrics.frames_out.inc();
-            }
-            m
-        };
-        let first = count(msg);
-        match transport::send_batch(&mut tx, first, || out.try_recv().ok().map(count)).await {
-            Ok(false) => {}
-            Ok(true) | Err(_) => break,
+/// The session's only writer. Drops `_done` when it ends, which is how `serve` learns
+/// that the socket stopped taking frames.
+async fn writer(
+    shared: Arc<Shared>,
+    mut tx: Sender,
+    out: async_channel::Receiver<Message>,
+    _done: async_channel::Sender<()>,
+) {
+    let count = |m: Message| {
+        if matches!(m, Message::Binary(_)) {
+            shared.metrics.frames_out.inc();
         }
-    }
+        m
+    };
+    let _ = transport::write_loop(&mut tx, &out, count).await;
     out.close();
 }
 
