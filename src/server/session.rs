@@ -253,12 +253,8 @@ async fn event_loop(
 ) -> String {
     while let Ok(event) = events.recv().await {
         match event {
-            Event::Directory(d) => {
-                let _ = out
-                    .send(binary(&ServerFrame::Directory {
-                        directory: d.to_entries(),
-                    }))
-                    .await;
+            Event::Directory(frame) => {
+                let _ = out.send(Message::Binary(frame)).await;
             }
             Event::Close(reason) => return reason,
         }

@@ -2,16 +2,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use crate::directory::Directory;
 use crate::protocol::AgentId;
 
 /// Something a session must act on that did not come from its own socket.
 #[derive(Clone, Debug)]
 pub enum Event {
-    /// The directory changed; tell the agent.
-    Directory(Arc<Directory>),
+    /// The directory changed; send the agent this encoded `Directory` frame (encoded once
+    /// for all sessions).
+    Directory(bytes::Bytes),
     /// End the session with this reason (replaced, removed, re-keyed, shutdown).
     Close(String),
 }

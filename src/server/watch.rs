@@ -17,6 +17,7 @@ use http_body_util::Full;
 use super::sessions::Event;
 use super::Shared;
 use crate::directory::Directory;
+use crate::protocol::ServerFrame;
 
 const FILE_POLL: Duration = Duration::from_secs(1);
 
@@ -198,5 +199,10 @@ async fn apply(shared: &Shared, next: Directory) {
             Event::Close("agent key changed; reconnect with the new key".into()),
         );
     }
-    shared.sessions.broadcast(Event::Directory(next));
+    let frame = ServerFrame::Directory {
+        directory: next.to_entries(),
+    };
+    shared
+        .sessions
+        .broadcast(Event::Directory(frame.encode().into()));
 }
