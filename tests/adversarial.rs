@@ -26,8 +26,8 @@ use dmr::protocol::{
     PROTOCOL_VERSION,
 };
 use support::{
-    free_port, http_get, peek_queue, wait_until, AgentProc, Identity, Proc, Refused, Server,
-    TestClient, Webhook, World, AGENT_BIN,
+    agent_args, expect_accepted, expect_rejected, free_port, http_get, peek_queue, wait_until,
+    AgentProc, Identity, Proc, Refused, Server, TestClient, Webhook, World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -76,14 +76,10 @@ fn spawn_agent(
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let name = format!("agent-{id}");
     let log = world.dir.path().join(format!("{name}.log"));
-    let mut cmd = Command::new(AGENT_BIN);
-    cmd.args(["run", "--id", id, "--key"])
-        .arg(&world.agent(id).key_path)
-        .args(["--server", &server.ws_url(), "--listen", &addr.to_string()]);
-    if let Some(h) = hook {
-        cmd.args(["--deliver-url", &h.url()]);
-    }
-    let child = cmd
+    let key = &world.agent(id).key_path;
+    let args = agent_args(id, key, &server.ws_url(), addr, hook.map(Webhook::url));
+    let child = Command::new(AGENT_BIN)
+        .args(&args)
         .env("DMR_API_TOKEN", &secrets.token)
         .env("RUST_LOG", "debug")
         .env("SMOL_THREADS", "2")
@@ -253,20 +249,6 @@ async fn send(c: &mut TestClient, env: Envelope) -> ServerFrame {
     let id = env.header().id;
     c.send(ClientFrame::Send { envelope: env }).await;
     c.answer_for(id).await
-}
-
-fn expect_accepted(answer: &ServerFrame) {
-    assert!(
-        matches!(answer, ServerFrame::Accepted { .. }),
-        "expected Accepted, got {answer:?}"
-    );
-}
-
-fn expect_rejected(answer: &ServerFrame, want: RejectCode) -> String {
-    match answer {
-        ServerFrame::Rejected { code, reason, .. } if *code == want => reason.clone(),
-        other => panic!("expected Rejected {want:?}, got {other:?}"),
-    }
 }
 
 /// Webhook bodies carrying `id`.

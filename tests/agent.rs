@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{
-    free_port, http_call, http_get, peek_queue, wait_until, AgentProc, Proc, Server, Webhook,
-    World, AGENT_BIN,
+    agent_args, free_port, http_call, http_get, peek_queue, wait_until, AgentProc, Proc, Server,
+    Webhook, World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -103,20 +103,7 @@ fn spawn_agent(
     listen: SocketAddr,
     deliver: Option<&Webhook>,
 ) -> Proc {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--id".into(),
-        id.into(),
-        "--key".into(),
-        key.display().to_string(),
-        "--server".into(),
-        servers.into(),
-        "--listen".into(),
-        listen.to_string(),
-    ];
-    if let Some(h) = deliver {
-        args.extend(["--deliver-url".into(), h.url()]);
-    }
+    let args = agent_args(id, key, servers, listen, deliver.map(Webhook::url));
     Proc::spawn(name, AGENT_BIN, &args, world.dir.path())
 }
 

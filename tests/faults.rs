@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::{json, Value};
-use support::{free_port, peek_queue, AgentProc, Proc, Server, World, AGENT_BIN};
+use support::{agent_args, free_port, peek_queue, AgentProc, Proc, Server, World, AGENT_BIN};
 
 /// Pause before sending a refused message again.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -625,20 +625,8 @@ fn start_agent(
     listen: SocketAddr,
     deliver: Option<&Hook>,
 ) -> AgentProc {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--id".into(),
-        id.into(),
-        "--key".into(),
-        world.agent(id).key_path.display().to_string(),
-        "--server".into(),
-        servers.into(),
-        "--listen".into(),
-        listen.to_string(),
-    ];
-    if let Some(h) = deliver {
-        args.extend(["--deliver-url".into(), h.url()]);
-    }
+    let key = &world.agent(id).key_path;
+    let args = agent_args(id, key, servers, listen, deliver.map(Hook::url));
     let mut agent = AgentProc {
         proc: Proc::spawn(name, AGENT_BIN, &args, world.dir.path()),
         addr: listen,

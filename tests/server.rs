@@ -12,7 +12,8 @@ use async_tungstenite::tungstenite::Message;
 use dmr::crypto::{self, SecretKey};
 use dmr::protocol::{AgentId, ClientFrame, RejectCode, ServerFrame, PROTOCOL_VERSION};
 use support::{
-    envelope, http_call, http_get, peek_queue, Identity, Refused, Server, TestClient, World,
+    envelope, expect_accepted, expect_rejected, http_call, http_get, peek_queue, Identity, Refused,
+    Server, TestClient, World,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -57,20 +58,6 @@ async fn close_reason(c: &mut TestClient, limit: Duration) -> String {
 async fn hang_up(mut c: TestClient) {
     let _ = c.send_raw(Message::Close(None)).await;
     let _ = c.recv_within(2 * SECOND).await;
-}
-
-fn expect_accepted(answer: &ServerFrame) {
-    assert!(
-        matches!(answer, ServerFrame::Accepted { .. }),
-        "expected Accepted, got {answer:?}"
-    );
-}
-
-fn expect_rejected(answer: &ServerFrame, want: RejectCode) -> String {
-    match answer {
-        ServerFrame::Rejected { code, reason, .. } if *code == want => reason.clone(),
-        other => panic!("expected Rejected {want:?}, got {other:?}"),
-    }
 }
 
 /// The handshake counter of one result, as the server reports it.

@@ -29,23 +29,13 @@ fn agents_talk_over_wss_with_a_private_ca() {
     let (cert, key) = make_ca_and_leaf(d);
     let ca_path = d.join("ca.crt");
     let addr = free_addr();
-    let args: Vec<String> = [
-        "run",
-        "--listen",
-        &addr.to_string(),
-        "--amqp-url",
-        AMQP_URL,
-        "--agents-file",
-        world.agents_file().to_str().unwrap(),
-        "--queue-prefix",
-        &world.prefix,
+    let tls_flags = [
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
         key.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    ];
+    let args = server_args(&world, addr, &tls_flags);
     let _server = Proc::spawn("server-tls", SERVER_BIN, &args, d);
     let tls = dmr::transport::client_tls(Some(&ca_path)).unwrap();
     let ready = || {

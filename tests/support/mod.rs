@@ -373,18 +373,7 @@ impl Server {
     }
 
     pub fn start_on(world: &World, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--amqp-url".into(),
-            AMQP_URL.into(),
-            "--agents-file".into(),
-            world.agents_file().display().to_string(),
-            "--queue-prefix".into(),
-            world.prefix.clone(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = server_args(world, addr, extra);
         let mut s = Self {
             proc: Proc::spawn(name, SERVER_BIN, &args, world.dir.path()),
             addr,
@@ -402,12 +391,72 @@ impl Server {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        metric_value(
-            &http_get(self.addr, "/metrics")
-                .map(|r| r.1)
-                .unwrap_or_default(),
-            name,
-        )
+        scrape_metric(self.addr, name)
+    }
+}
+
+/// `dmr-server run` arguments for `world` (its directory file and queue prefix) on `addr`.
+pub fn server_args(world: &World, addr: SocketAddr, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--amqp-url".into(),
+        AMQP_URL.into(),
+        "--agents-file".into(),
+        world.agents_file().display().to_string(),
+        "--queue-prefix".into(),
+        world.prefix.clone(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `dmr-agent run` arguments: agent `id` with the key at `key`, on `servers` (comma-separated
+/// URLs), its API on `listen`, delivering to `deliver` when given.
+pub fn agent_args(
+    id: &str,
+    key: &Path,
+    servers: &str,
+    listen: SocketAddr,
+    deliver: Option<String>,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--id".into(),
+        id.into(),
+        "--key".into(),
+        key.display().to_string(),
+        "--server".into(),
+        servers.into(),
+        "--listen".into(),
+        listen.to_string(),
+    ];
+    if let Some(d) = deliver {
+        args.extend(["--deliver-url".into(), d]);
+    }
+    args
+}
+
+/// One metric of the process serving `/metrics` on `addr` (0 when absent or unreachable).
+pub fn scrape_metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = http_get(addr, "/metrics").map(|r| r.1).unwrap_or_default();
+    metric_value(&text, name)
+}
+
+/// Asserts that `answer` is `Accepted`.
+pub fn expect_accepted(answer: &ServerFrame) {
+    assert!(
+        matches!(answer, ServerFrame::Accepted { .. }),
+        "expected Accepted, got {answer:?}"
+    );
+}
+
+/// Asserts that `answer` is `Rejected` with `want`; returns the reason.
+pub fn expect_rejected(answer: &ServerFrame, want: dmr::protocol::RejectCode) -> String {
+    match answer {
+        ServerFrame::Rejected { code, reason, .. } if *code == want => reason.clone(),
+        other => panic!("expected Rejected {want:?}, got {other:?}"),
     }
 }
 
@@ -652,21 +701,8 @@ impl AgentProc {
         deliver: Option<String>,
         extra: &[&str],
     ) -> Self {
-        let key = world.agent(id).key_path.display().to_string();
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--id".into(),
-            id.into(),
-            "--key".into(),
-            key,
-            "--server".into(),
-            servers.into(),
-            "--listen".into(),
-            addr.to_string(),
-        ];
-        if let Some(d) = deliver {
-            args.extend(["--deliver-url".into(), d]);
-        }
+        let key = &world.agent(id).key_path;
+        let mut args = agent_args(id, key, servers, addr, deliver);
         args.extend(extra.iter().map(|s| s.to_string()));
         let name = format!("agent-{id}-{}", addr.port());
         let mut a = Self {
@@ -702,11 +738,6 @@ impl AgentProc {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        metric_value(
-            &http_get(self.addr, "/metrics")
-                .map(|r| r.1)
-                .unwrap_or_default(),
-            name,
-        )
+        scrape_metric(self.addr, name)
     }
 }
