@@ -316,3 +316,23 @@ fn server_reconnects_after_rabbitmq_drops_it_and_keeps_delivering() {
             || server.proc.log_text().to_lowercase().contains("reconnect")
     );
 }
+
+#[test]
+fn a_missing_agents_file_is_reported_and_picked_up_when_it_appears() {
+    let world = World::new("nofile", &["a", "b"]);
+    let written = std::fs::read_to_string(world.agents_file()).unwrap();
+    std::fs::remove_file(world.agents_file()).unwrap();
+    let addr = free_addr();
+    let mut server = Proc::spawn(
+        "server-nofile",
+        SERVER_BIN,
+        &server_args(&world, addr, &[]),
+        world.dir.path(),
+    );
+    wait_until(Duration::from_secs(15), "the missing file reported", || {
+        server.log_text().contains("--agents-file refused")
+    });
+    assert!(http_get(addr, "/readyz").is_some_and(|(s, _)| s == 503));
+    std::fs::write(world.agents_file(), written).unwrap();
+    server.wait_ready(addr);
+}

@@ -21,11 +21,15 @@ use crate::protocol::ServerFrame;
 
 const FILE_POLL: Duration = Duration::from_secs(1);
 
+/// Modification time and length of the agents file; `None` while it cannot be read.
+type Stamp = Option<(SystemTime, u64)>;
+
 #[derive(Default)]
 struct Sources {
     file: Option<Directory>,
     centops: Option<Directory>,
-    file_stamp: Option<(SystemTime, u64)>,
+    /// The file's stamp when it was last read; `None` before the first look.
+    file_seen: Option<Stamp>,
 }
 
 impl Sources {
@@ -43,120 +47,99 @@ impl Sources {
     }
 }
 
-/// Runs until cancelled. `reload` receives a message per SIGHUP.
+/// Runs until cancelled. `reload` receives a message per SIGHUP, which re-reads the file
+/// even if it looks unchanged and polls CentOps at once.
 pub(super) async fn run(shared: Arc<Shared>, reload: async_channel::Receiver<()>) {
     let mut sources = Sources::default();
     let mut next_poll = std::time::Instant::now();
+    let mut sighup = false;
     loop {
         let mut changed = false;
-        if let Some(path) = shared.config.agents_file.clone() {
-            changed |= check_file(&shared, &path, &mut sources, false);
+        if let Some(path) = &shared.config.agents_file {
+            changed |= check_file(&shared, path, &mut sources, sighup);
         }
-        if let Some(url) = shared.config.centops_url.clone() {
-            if std::time::Instant::now() >= next_poll {
+        if let Some(url) = &shared.config.centops_url {
+            if sighup || std::time::Instant::now() >= next_poll {
                 next_poll = std::time::Instant::now() + shared.config.centops_interval;
-                changed |= poll_centops(&shared, &url, &mut sources).await;
+                changed |= poll_centops(&shared, url, &mut sources).await;
             }
         }
-        if changed {
-            if let Some(d) = sources.merged() {
-                apply(&shared, d).await;
-            }
+        if let Some(d) = sources.merged().filter(|_| changed) {
+            apply(&shared, d).await;
         }
-        let sighup = futures_lite::future::or(async { reload.recv().await.is_ok() }, async {
+        sighup = futures_lite::future::or(async { reload.recv().await.is_ok() }, async {
             smol::Timer::after(FILE_POLL).await;
             false
         })
         .await;
         if sighup {
             log::info!("SIGHUP: re-reading the agent directory");
-            if let Some(path) = shared.config.agents_file.clone() {
-                if check_file(&shared, &path, &mut sources, true) {
-                    if let Some(d) = sources.merged() {
-                        apply(&shared, d).await;
-                    }
-                }
-            }
-            next_poll = std::time::Instant::now();
         }
     }
 }
 
+/// Reads the agents file if it changed since the last look (or `force`); true when a new
+/// directory was loaded. A broken file is reported once per change, not every second.
 fn check_file(shared: &Shared, path: &Path, sources: &mut Sources, force: bool) -> bool {
     let stamp = std::fs::metadata(path)
         .ok()
         .and_then(|m| Some((m.modified().ok()?, m.len())));
-    if !force && stamp.is_some() && stamp == sources.file_stamp {
+    if !force && sources.file_seen == Some(stamp) {
         return false;
     }
-    if stamp.is_none() && !force && sources.file_stamp.is_none() && sources.file.is_some() {
-        return false;
-    }
+    sources.file_seen = Some(stamp);
     let result = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
         .and_then(|text| Directory::from_json(&text).map_err(|e| e.to_string()));
-    // Remember the stamp even on failure, so a broken file is reported once, not every second.
-    let first_failure = sources.file_stamp != stamp || force;
-    sources.file_stamp = stamp;
     match result {
         Ok(d) => {
             sources.file = Some(d);
-            shared
-                .metrics
-                .directory_reloads
-                .get_or_create(&[("result", "ok")])
-                .inc();
+            count_reload(shared, "ok");
             true
         }
-        Err(e) => {
-            if first_failure {
-                shared
-                    .metrics
-                    .directory_reloads
-                    .get_or_create(&[("result", "error")])
-                    .inc();
-                log::error!("--agents-file refused, keeping the last good directory: {e}");
-            }
-            false
-        }
+        Err(e) => refused(shared, "--agents-file", e),
     }
 }
 
 async fn poll_centops(shared: &Shared, url: &str, sources: &mut Sources) -> bool {
     let req = match hyper::Request::get(url).body(Full::new(Bytes::new())) {
         Ok(r) => r,
-        Err(e) => return log_centops(shared, format!("bad --centops-url: {e}")),
+        Err(e) => return refused(shared, "--centops-url", e.to_string()),
     };
     let (status, body) = match crate::http::request(req, None, Duration::from_secs(15)).await {
         Ok(r) => r,
-        Err(e) => return log_centops(shared, e.to_string()),
+        Err(e) => return refused(shared, "CentOps directory", e.to_string()),
     };
     if !status.is_success() {
-        return log_centops(shared, format!("CentOps answered {status}"));
+        return refused(
+            shared,
+            "CentOps directory",
+            format!("CentOps answered {status}"),
+        );
     }
-    let text = String::from_utf8_lossy(&body);
-    match Directory::from_json(&text) {
+    match Directory::from_json(&String::from_utf8_lossy(&body)) {
         Ok(d) => {
             let changed = sources.centops.as_ref() != Some(&d);
             sources.centops = Some(d);
-            shared
-                .metrics
-                .directory_reloads
-                .get_or_create(&[("result", "ok")])
-                .inc();
+            count_reload(shared, "ok");
             changed
         }
-        Err(e) => log_centops(shared, e.to_string()),
+        Err(e) => refused(shared, "CentOps directory", e.to_string()),
     }
 }
 
-fn log_centops(shared: &Shared, problem: String) -> bool {
+fn count_reload(shared: &Shared, result: &'static str) {
     shared
         .metrics
         .directory_reloads
-        .get_or_create(&[("result", "error")])
+        .get_or_create(&[("result", result)])
         .inc();
-    log::error!("CentOps directory refused, keeping the last good directory: {problem}");
+}
+
+/// Reports a directory that was not taken; always false (nothing changed).
+fn refused(shared: &Shared, source: &str, problem: String) -> bool {
+    count_reload(shared, "error");
+    log::error!("{source} refused, keeping the last good directory: {problem}");
     false
 }
 
