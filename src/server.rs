@@ -168,7 +168,6 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
         let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
-        let gauge = smol::spawn(track_broker(shared.clone()));
         let stop = async {
             while let Ok(sig) = signals.recv().await {
                 match sig {
@@ -184,7 +183,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             move |req, peer| route(shared.clone(), req, peer)
         };
         http::serve(listener, tls, handler, stop).await;
-        drop((watcher, gauge));
+        drop(watcher);
         shutdown(&shared).await;
         Ok(())
     })
@@ -207,14 +206,6 @@ async fn shutdown(shared: &Shared) {
     log::info!("stopped");
 }
 
-async fn track_broker(shared: Arc<Shared>) {
-    loop {
-        let up = shared.broker.is_connected();
-        shared.metrics.rabbitmq_connected.set(up as i64);
-        smol::Timer::after(Duration::from_millis(500)).await;
-    }
-}
-
 async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/ws") => upgrade(shared, req, peer),
@@ -223,7 +214,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
-            shared.metrics.render(),
+            metrics(&shared),
         ),
         (_, "/v1/ws" | "/healthz" | "/readyz" | "/metrics") => {
             http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
@@ -233,6 +224,13 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
             "no such endpoint; try /v1/ws, /healthz, /readyz, /metrics",
         ),
     }
+}
+
+/// The exposition, with the RabbitMQ gauge read at scrape time rather than kept current.
+fn metrics(shared: &Shared) -> String {
+    let up = shared.broker.is_connected();
+    shared.metrics.rabbitmq_connected.set(up as i64);
+    shared.metrics.render()
 }
 
 fn readyz(shared: &Shared) -> Response<Body> {
