@@ -35,7 +35,6 @@ use amqprs::{
 use async_compat::Compat;
 use async_trait::async_trait;
 use futures_lite::future;
-use rand::Rng;
 
 pub use consumer::{Consumer, Delivery};
 
@@ -712,7 +711,7 @@ fn backoff(failures: u32) -> Duration {
     let capped = BACKOFF_MIN
         .saturating_mul(1 << failures.min(16))
         .min(BACKOFF_MAX);
-    capped.mul_f64(rand::thread_rng().gen_range(0.75..=1.0))
+    capped.mul_f64(1.0 - fastrand::f64() * 0.25)
 }
 
 async fn close_connection(live: &Live) {

@@ -14,6 +14,7 @@
 //! - [`config`]: command-line flags and their `DMR_*` environment variables.
 //! - [`metrics`]: Prometheus metrics of both binaries.
 //! - [`signals`], [`process`]: process plumbing shared by both binaries.
+//! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
 
 pub mod agent;
 pub mod broker;
@@ -26,4 +27,6 @@ pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod signals;
+pub mod sync;
 pub mod transport;
+pub mod wait;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
-use rand::Rng;
 
 use super::{inbox, Agent, Link, Outcome};
 use crate::config::ConfigError;
@@ -112,7 +111,7 @@ pub(super) async fn run(agent: Arc<Agent>) {
             agent.metrics.reconnects.inc();
         }
         connected_before = true;
-        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+        let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
         smol::Timer::after(backoff + Duration::from_millis(jitter)).await;
     }
 }

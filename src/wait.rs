@@ -1,0 +1,95 @@
+//! Waiting with limits: a deadline around any future, and a jittered exponential backoff.
+//!
+//! Every retry loop in DMR (the broker's reconnects, the agent's server link, webhook
+//! retries) waits through [`Backoff`], so they all grow, cap and spread the same way; every
+//! "give up after" goes through [`with_timeout`].
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Runs `fut` for at most `limit`; `None` when time ran out (and `fut` is dropped).
+pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        async_io::Timer::after(limit).await;
+        None
+    })
+    .await
+}
+
+/// Exponential backoff: `min` doubled per consecutive failure up to `max`, each wait shortened
+/// by up to a quarter at random so that many peers retrying after the same outage spread out.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// A backoff that starts at `min` and never waits longer than `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max: max.max(min),
+            failures: 0,
+        }
+    }
+
+    /// The wait before the next attempt; each call counts one more failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let capped = self
+            .min
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        capped.mul_f64(1.0 - fastrand::f64() * 0.25)
+    }
+
+    /// Sleeps for [`Backoff::next_delay`].
+    pub async fn wait(&mut self) {
+        async_io::Timer::after(self.next_delay()).await;
+    }
+
+    /// Starts over from `min` after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Consecutive failures since the last reset.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_with_bounded_jitter_and_resets() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut b = Backoff::new(min, max);
+        let first = b.next_delay();
+        assert!(first <= min && first >= min.mul_f64(0.75), "{first:?}");
+        for _ in 0..40 {
+            let d = b.next_delay();
+            assert!(d <= max && d >= min.mul_f64(0.75), "{d:?}");
+        }
+        let late = b.next_delay();
+        assert!(late >= max.mul_f64(0.75), "capped waits stay near the cap: {late:?}");
+        b.reset();
+        assert_eq!(b.failures(), 0);
+        assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn with_timeout_gives_up_and_passes_results_through() {
+        smol::block_on(async {
+            let slow = with_timeout(Duration::from_millis(10), async {
+                async_io::Timer::after(Duration::from_secs(5)).await;
+            });
+            assert_eq!(slow.await, None);
+            assert_eq!(with_timeout(Duration::from_secs(5), async { 7 }).await, Some(7));
+        });
+    }
+}
