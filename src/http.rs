@@ -20,6 +20,7 @@ use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
 
+use crate::wait::with_timeout;
 use crate::transport::{self, Stream};
 
 /// The connection type hyper serves; what an upgrade hands back.
@@ -81,15 +82,6 @@ pub async fn serve<H, F>(
         }
     };
     futures_lite::future::or(accept, stop).await;
-}
-
-/// Runs `fut` for at most `limit`; `None` when time ran out.
-pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        smol::Timer::after(limit).await;
-        None
-    })
-    .await
 }
 
 /// The WebSocket a `101` answer leads to, once hyper hands the connection over.

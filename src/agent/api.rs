@@ -177,7 +177,7 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
         .limits()
         .map_or(DEFAULT_MAX_BODY, |l| l.max_message_bytes as usize);
     let read = http::read_body(req.into_body(), max + 64 * 1024);
-    let body = match http::with_timeout(BODY_TIMEOUT, read).await {
+    let body = match crate::wait::with_timeout(BODY_TIMEOUT, read).await {
         Some(Ok(b)) => b,
         Some(Err(true)) => {
             return http::error(
@@ -263,7 +263,7 @@ async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Refusal> {
     agent.metrics.sent.inc();
     // If this link has just dropped, the envelope stays pending and the next link sends it.
     let _ = link.frames.send(ClientFrame::Send { envelope }).await;
-    let outcome = http::with_timeout(agent.config.send_timeout, answer.recv()).await;
+    let outcome = crate::wait::with_timeout(agent.config.send_timeout, answer.recv()).await;
     agent.pending.lock().expect("pending lock").remove(&id);
     let (code, response) = match outcome {
         Some(Ok(Outcome::Accepted)) => {

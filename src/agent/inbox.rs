@@ -185,7 +185,7 @@ pub(super) async fn drain(agent: &Agent, limit: Duration) {
             held.push(agent.deliveries.acquire().await);
         }
     };
-    if crate::http::with_timeout(limit, wait).await.is_none() {
+    if crate::wait::with_timeout(limit, wait).await.is_none() {
         log::warn!("some deliveries were still running at stop; RabbitMQ will deliver them again");
     }
 }

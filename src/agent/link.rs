@@ -14,7 +14,7 @@ use super::{inbox, Agent, Link, Outcome};
 use crate::config::ConfigError;
 use crate::crypto;
 use crate::directory::Directory;
-use crate::http::with_timeout;
+use crate::wait::with_timeout;
 use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
 use crate::transport::{self, Stream};
 

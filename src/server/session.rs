@@ -22,7 +22,7 @@ use super::sessions::Event;
 use super::Shared;
 use crate::broker::{BrokerError, Consumer};
 use crate::crypto::Challenge;
-use crate::http::with_timeout;
+use crate::wait::with_timeout;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };

@@ -554,7 +554,7 @@ impl TestClient {
 
     /// Next frame within `limit`, or None.
     pub async fn recv_within(&mut self, limit: Duration) -> Option<Result<ServerFrame, Refused>> {
-        dmr::http::with_timeout(limit, self.recv()).await
+        dmr::wait::with_timeout(limit, self.recv()).await
     }
 
     /// Waits for the answer (Accepted/Rejected) to `id`, skipping other frames.
