@@ -4,11 +4,15 @@
 //! afterwards the server and both agents must still be up and still relay a normal message
 //! from A to B, and no process log may contain a private key, the API token or a plaintext.
 //!
-//! Three tests, each with its own server, agents and queues, so they run in parallel. Every
-//! loop is bounded in count and every wait in time.
+//! One test per attack, each with its own server, agents and queue prefix (a [`Relay`]), so
+//! one failure hides no other and they run in parallel. Each prints what it tried and what
+//! came back (shown on failure, or with `--nocapture`). Every loop is bounded in count and
+//! every wait in time.
 
 mod support;
 
+use std::collections::BTreeSet;
+use std::fmt::Display;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -35,6 +39,13 @@ const SECOND: Duration = Duration::from_secs(1);
 const MAX_MESSAGE: usize = 64 * 1024;
 /// The server's WebSocket limit: one envelope plus `FRAME_OVERHEAD`.
 const WS_LIMIT: usize = MAX_MESSAGE + dmr::protocol::FRAME_OVERHEAD;
+/// The agent reads at most max-message-bytes + 64 KiB of body.
+const BODY_LIMIT: usize = MAX_MESSAGE + 64 * 1024;
+
+/// Prints one attempt and its outcome, so a failing test's output shows how far it got.
+fn tried(what: impl Display, outcome: impl Display) {
+    println!("tried {what}: {outcome}");
+}
 
 // Harness ---------------------------------------------------------------------------------
 
@@ -61,71 +72,6 @@ impl Secrets {
 
     fn bearer(&self) -> String {
         format!("Bearer {}", self.token)
-    }
-}
-
-/// Starts `dmr-agent run` for `id`, with the API token in `DMR_API_TOKEN` (never on the
-/// command line) and every crate logging at debug, so the secret scan sees as much as can be.
-fn spawn_agent(
-    world: &World,
-    id: &str,
-    server: &Server,
-    hook: Option<&Webhook>,
-    secrets: &Secrets,
-) -> AgentProc {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let name = format!("agent-{id}");
-    let log = world.dir.path().join(format!("{name}.log"));
-    let key = &world.agent(id).key_path;
-    let args = agent_args(id, key, &server.ws_url(), addr, hook.map(Webhook::url));
-    let child = Command::new(AGENT_BIN)
-        .args(&args)
-        .env("DMR_API_TOKEN", &secrets.token)
-        .env("RUST_LOG", "debug")
-        .env("SMOL_THREADS", "2")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut a = AgentProc {
-        proc: Proc { child, log, name },
-        addr,
-    };
-    a.wait_ready();
-    a
-}
-
-/// Scans every process log for the private keys of all agents in `world` (line 2 of the
-/// PEM, and the raw key bytes in hex and base64), the API token and every plaintext marker.
-fn assert_no_secrets(world: &World, procs: &[&Proc], secrets: &Secrets) {
-    let mut needles: Vec<(String, String)> = Vec::new();
-    for a in &world.agents {
-        let pem = a.key.to_pem();
-        let body = pem.lines().nth(1).expect("a PEM body line").to_owned();
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(&body)
-            .unwrap();
-        let raw = &der[der.len() - 32..];
-        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
-        needles.push((format!("{}'s private key PEM", a.id), body));
-        needles.push((format!("{}'s private key (hex)", a.id), hex));
-        needles.push((format!("{}'s private key (base64)", a.id), b64));
-    }
-    needles.push(("the API token".into(), secrets.token.clone()));
-    for m in &secrets.markers {
-        needles.push((format!("plaintext marker {m}"), m.clone()));
-    }
-    for p in procs {
-        let log = p.log_text();
-        assert!(!log.is_empty(), "{} wrote no log at all", p.name);
-        for (what, needle) in &needles {
-            assert!(
-                !log.contains(needle.as_str()),
-                "{what} appears in the log of {}",
-                p.name
-            );
-        }
     }
 }
 
@@ -259,417 +205,837 @@ fn deliveries_of(hook: &Webhook, id: &str) -> usize {
         .count()
 }
 
-/// The closing check of every test: all processes are up, and a normal message from A's
-/// agent reaches B's webhook exactly once, promptly.
-fn still_relays(
-    server: &mut Server,
-    alice: &mut AgentProc,
-    bob: &mut AgentProc,
-    hook: &Webhook,
-    secrets: &mut Secrets,
-) {
-    for p in [&mut server.proc, &mut alice.proc, &mut bob.proc] {
-        assert!(p.is_running(), "{} died:\n{}", p.name, p.log_text());
-    }
-    let marker = secrets.marker("after-barrage");
-    let body = json!({"recipientId": "bob", "payload": {"text": marker}}).to_string();
-    let started = Instant::now();
-    let (status, v) = raw_post(
-        alice.addr,
-        "/v1/messages",
-        &[("authorization", secrets.bearer())],
-        body.as_bytes(),
+/// The server's refused-handshake counters are exactly these.
+fn assert_handshakes(server: &Server, unknown_agent: f64, bad_proof: f64, bad_version: f64) {
+    assert_eq!(handshakes(server, "unknown_agent"), unknown_agent);
+    assert_eq!(handshakes(server, "bad_proof"), bad_proof);
+    assert_eq!(handshakes(server, "bad_version"), bad_version);
+    // Every refusal above came with its own reason, none by running out the clock.
+    assert_eq!(handshakes(server, "timeout"), 0.0);
+}
+
+/// Sends Hello as `who` with `version` on a fresh connection, then nothing else.
+async fn hello(url: &str, who: &AgentId, version: u16) -> TestClient {
+    let mut c = TestClient::open(url).await;
+    c.send(ClientFrame::Hello {
+        version,
+        agent_id: who.clone(),
+    })
+    .await;
+    c
+}
+
+/// Waits until the dead-letter queue holds exactly the messages `want` (at most 20 s), and
+/// asserts it.
+fn assert_dead_lettered(world: &World, want: &[String]) {
+    let want: BTreeSet<String> = want.iter().cloned().collect();
+    let end = Instant::now() + 20 * SECOND;
+    let found = loop {
+        let got: BTreeSet<String> = peek_queue(&world.dlq(), want.len() + 5, SECOND)
+            .into_iter()
+            .filter_map(|m| m.message_id)
+            .collect();
+        if got == want || Instant::now() > end {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        found, want,
+        "the dead-letter queue should hold exactly the unreadable ones"
     );
-    assert_eq!(status, 202, "A's agent no longer sends: {v}");
-    let id = v["id"].as_str().expect("202 carries the id").to_owned();
-    wait_until(10 * SECOND, "the message after the barrage at B", || {
-        deliveries_of(hook, &id) == 1
-    });
-    let got = hook
-        .bodies()
-        .into_iter()
-        .find(|b| b["id"].as_str() == Some(&id))
-        .unwrap();
-    assert_eq!(got["senderId"], json!("alice"));
-    assert_eq!(got["payload"]["text"], json!(marker));
+    tried(
+        "the dead-letter queue",
+        format!("{} message(s), as expected", found.len()),
+    );
+}
+
+/// One refused request to the API: name, body, the status and a word the error must name.
+type Post = (String, Vec<u8>, u16, &'static str);
+
+/// POSTs each case with the token; returns a line for every answer that is not the wanted
+/// status with a JSON error naming the wanted word.
+fn refused_posts(r: &Relay, cases: &[Post]) -> Vec<String> {
+    let auth = [("authorization", r.secrets.bearer())];
+    let mut failures = Vec::new();
+    for (name, body, want_status, want_word) in cases {
+        let (status, v) = raw_post(r.alice.addr, "/v1/messages", &auth, body);
+        tried(name, format!("{status} {v}"));
+        let error = v["error"].as_str().unwrap_or_default();
+        if status != *want_status || error.is_empty() || !error.contains(want_word) {
+            failures.push(format!(
+                "{name}: want {want_status} naming {want_word:?}, got {status} {v}"
+            ));
+        }
+    }
+    failures
+}
+
+/// Fails listing every wrong answer, and if the refusals were not prompt.
+fn assert_no_failures(failures: &[String], started: Instant) {
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
-        started.elapsed() < 5 * SECOND,
-        "A → B took {:?} after the barrage",
+        started.elapsed() < 20 * SECOND,
+        "the refusals took {:?}",
         started.elapsed()
     );
 }
 
-// 1. The handshake and the frame layer -------------------------------------------------------
+/// Reads `s` until the peer closes it (or resets it); an error if it is still open at `by`.
+fn closed_by(mut s: TcpStream, by: Instant) -> std::io::Result<()> {
+    let left = by.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(left.max(Duration::from_millis(10))))?;
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
 
-/// Unknown id, wrong key, a replayed proof, wrong versions, random bytes before and after
-/// the handshake, oversized frames, 200 connections that never finish the handshake and
-/// sockets that never finish their HTTP request: each is refused or closed with its reason,
-/// on time, while real agents keep relaying.
-#[test]
-fn hostile_peers_are_refused_and_bounded() {
-    let world = World::new("adv-peer", &["alice", "bob", "carol"]);
-    let max = MAX_MESSAGE.to_string();
-    let mut server = Server::start(
-        &world,
-        "server",
-        &["--handshake-timeout", "2", "--max-message-bytes", &max],
+/// POSTs 10 of 100 announced body bytes, then a space every `every_ms` (never when 0),
+/// and reads the answer: its status, its body, and how long it took.
+fn slow_upload(addr: SocketAddr, bearer: &str, every_ms: u64) -> (u16, Value, Duration) {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(20 * SECOND)).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nauthorization: {bearer}\r\ncontent-length: 100\r\n\r\n{{\"recipie"
     );
-    let mut secrets = Secrets::new();
-    let hook = Webhook::start();
-    let mut alice = spawn_agent(&world, "alice", &server, None, &secrets);
-    let mut bob = spawn_agent(&world, "bob", &server, Some(&hook), &secrets);
-    let url = server.ws_url();
-    let (carol, bob_id) = (world.agent("carol"), world.agent("bob"));
-    let mut rng = StdRng::seed_from_u64(0xD3_A7);
+    s.write_all(head.as_bytes()).unwrap();
+    if every_ms > 0 {
+        let mut r = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..80 {
+                std::thread::sleep(Duration::from_millis(every_ms));
+                if r.write_all(b" ").is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let (status, v) = parse_response(&raw);
+    (status, v, started.elapsed())
+}
 
-    // Sockets that never complete an HTTP request, to the server and to an agent's API:
-    // silent, or a request line and one header and then nothing (slowloris). hyper's
-    // header-read deadline (10 s) must close them; they are checked at the end.
-    let mut stalled: Vec<(TcpStream, Instant, String)> = Vec::new();
-    for (target, addr) in [("server", server.addr), ("agent API", alice.addr)] {
-        for i in 0..10 {
-            let mut s = TcpStream::connect(addr).unwrap();
-            let what = if i % 2 == 0 {
-                "silent"
-            } else {
-                s.write_all(b"GET /v1/ws HTTP/1.1\r\nhost: x\r\n").unwrap();
-                "slowloris"
-            };
-            stalled.push((s, Instant::now(), format!("{what} socket to the {target}")));
+/// Starts `dmr-agent run` for `id` without waiting for it, with the API token in
+/// `DMR_API_TOKEN` (never on the command line) and every crate logging at debug, so the
+/// secret scan sees as much as can be.
+fn spawn_agent(
+    world: &World,
+    id: &str,
+    server: &Server,
+    hook: Option<&Webhook>,
+    secrets: &Secrets,
+) -> AgentProc {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let name = format!("agent-{id}");
+    let log = world.dir.path().join(format!("{name}.log"));
+    let key = &world.agent(id).key_path;
+    let args = agent_args(id, key, &server.ws_url(), addr, hook.map(Webhook::url));
+    let child = Command::new(AGENT_BIN)
+        .args(&args)
+        .env("DMR_API_TOKEN", &secrets.token)
+        .env("RUST_LOG", "debug")
+        .env("SMOL_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    AgentProc {
+        proc: Proc { child, log, name },
+        addr,
+    }
+}
+
+/// A test's world (its own keys and queue prefix) and server, before any agent runs.
+struct Stage {
+    server: Server,
+    secrets: Secrets,
+    world: World,
+}
+
+impl Stage {
+    /// A server for `ids` with the small message limit and `flags`.
+    fn new(test: &str, ids: &[&str], flags: &[&str]) -> Self {
+        let world = World::new(test, ids);
+        let max = MAX_MESSAGE.to_string();
+        let mut args = vec!["--max-message-bytes", max.as_str()];
+        args.extend_from_slice(flags);
+        let server = Server::start(&world, "server", &args);
+        Self {
+            server,
+            secrets: Secrets::new(),
+            world,
         }
     }
 
-    smol::block_on(async {
-        // Unknown id.
-        let stranger = SecretKey::generate().unwrap();
-        let nobody = AgentId::new("nobody").unwrap();
-        expect_refused(
-            TestClient::connect(&url, &nobody, &stranger).await,
-            "directory",
-        );
+    /// Alice, Bob, Carol and Dave on a server that dead-letters after two deliveries.
+    fn for_envelopes(test: &str) -> Self {
+        Stage::new(
+            test,
+            &["alice", "bob", "carol", "dave"],
+            &["--delivery-limit", "2"],
+        )
+    }
 
-        // Right id (of a connected agent), wrong key: refused, and the real session stays.
-        expect_refused(
-            TestClient::connect(&url, &bob_id.id, &stranger).await,
-            "proof",
-        );
-        assert_eq!(bob.metric("dmr_agent_connected"), 1.0);
+    /// Starts Alice's agent and Bob's (delivering to a recording webhook), both at once.
+    fn with_agents(self) -> Relay {
+        let hook = Webhook::start();
+        let Self {
+            server,
+            secrets,
+            world,
+        } = self;
+        let mut alice = spawn_agent(&world, "alice", &server, None, &secrets);
+        let mut bob = spawn_agent(&world, "bob", &server, Some(&hook), &secrets);
+        alice.wait_ready();
+        bob.wait_ready();
+        Relay {
+            alice,
+            bob,
+            server,
+            hook,
+            secrets,
+            world,
+        }
+    }
+}
 
-        // A proof recorded from one good handshake, replayed on a new connection: the new
-        // challenge has a fresh ephemeral key and nonce, so the old MAC is worthless.
-        let mut first = TestClient::open(&url).await;
-        first
-            .send(ClientFrame::Hello {
-                version: PROTOCOL_VERSION,
-                agent_id: carol.id.clone(),
-            })
-            .await;
-        let Ok(ServerFrame::Challenge {
-            ephemeral_pk,
-            nonce,
-        }) = first.recv().await
-        else {
-            panic!("expected Challenge")
-        };
-        let recorded = crypto::prove(&carol.key, &carol.id, &ephemeral_pk, &nonce).unwrap();
-        first.send(ClientFrame::Proof { mac: recorded }).await;
+/// One test's relay: a server, Alice's agent and Bob's. Fields drop in order, so the
+/// processes stop before the world removes their queues.
+struct Relay {
+    alice: AgentProc,
+    bob: AgentProc,
+    server: Server,
+    hook: Webhook,
+    secrets: Secrets,
+    world: World,
+}
+
+impl Relay {
+    /// Alice, Bob and Carol (a protocol-level client) on a server with a 2 s handshake limit.
+    fn for_peers(test: &str) -> Self {
+        Stage::new(
+            test,
+            &["alice", "bob", "carol"],
+            &["--handshake-timeout", "2"],
+        )
+        .with_agents()
+    }
+
+    /// Alice and Bob, for the HTTP API.
+    fn for_api(test: &str) -> Self {
+        Stage::new(test, &["alice", "bob"], &[]).with_agents()
+    }
+
+    /// The closing check of every test: all processes are up, a normal message from A's
+    /// agent reaches B's webhook exactly once, promptly, and no log holds a secret.
+    fn still_relays(&mut self) {
+        for p in [
+            &mut self.server.proc,
+            &mut self.alice.proc,
+            &mut self.bob.proc,
+        ] {
+            assert!(p.is_running(), "{} died:\n{}", p.name, p.log_text());
+        }
+        let marker = self.secrets.marker("after-barrage");
+        let body = json!({"recipientId": "bob", "payload": {"text": marker}}).to_string();
+        let started = Instant::now();
+        let (status, v) = raw_post(
+            self.alice.addr,
+            "/v1/messages",
+            &[("authorization", self.secrets.bearer())],
+            body.as_bytes(),
+        );
+        assert_eq!(status, 202, "A's agent no longer sends: {v}");
+        let id = v["id"].as_str().expect("202 carries the id").to_owned();
+        let hook = &self.hook;
+        wait_until(10 * SECOND, "the message after the barrage at B", || {
+            deliveries_of(hook, &id) == 1
+        });
+        let got = hook
+            .bodies()
+            .into_iter()
+            .find(|b| b["id"].as_str() == Some(&id))
+            .unwrap();
+        assert_eq!(got["senderId"], json!("alice"));
+        assert_eq!(got["payload"]["text"], json!(marker));
         assert!(
-            matches!(first.recv().await, Ok(ServerFrame::Welcome { .. })),
-            "the genuine proof must be welcomed"
+            started.elapsed() < 5 * SECOND,
+            "A → B took {:?} after the barrage",
+            started.elapsed()
         );
-        for _ in 0..3 {
-            let mut replay = TestClient::open(&url).await;
-            replay
-                .send(ClientFrame::Hello {
-                    version: PROTOCOL_VERSION,
-                    agent_id: carol.id.clone(),
-                })
-                .await;
-            replay.send(ClientFrame::Proof { mac: recorded }).await;
-            let reason = ended(&mut replay, 5 * SECOND).await.expect("a close frame");
-            assert!(reason.contains("proof"), "{reason}");
-        }
-        drop(first);
+        tried("a normal message A → B afterwards", "delivered once");
+        self.assert_no_secrets();
+    }
 
-        // Versions this server does not speak.
-        for version in [0, PROTOCOL_VERSION + 1, 0x7fff, u16::MAX] {
-            let mut c = TestClient::open(&url).await;
-            c.send(ClientFrame::Hello {
-                version,
-                agent_id: carol.id.clone(),
-            })
-            .await;
-            let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
-            assert!(
-                reason.contains("version") && reason.contains(&version.to_string()),
-                "{reason}"
-            );
-        }
+    /// After a peer-level attack: the relay works and the agents kept their sessions.
+    fn still_relays_without_reconnects(&mut self) {
+        self.still_relays();
+        self.assert_no_reconnects();
+    }
 
-        // Random bytes instead of Hello, as binary and as text frames, and random bytes
-        // instead of Proof: every connection is closed with a reason, nobody is welcomed.
-        for round in 0..60 {
-            let mut c = TestClient::open(&url).await;
-            let len = rng.gen_range(0..300);
-            let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            match round % 3 {
-                0 => {
-                    c.send_raw(Message::binary(bytes)).await;
-                }
-                1 => {
-                    let text: String = bytes.iter().map(|&b| char::from(b)).collect();
-                    c.send_raw(Message::text(text)).await;
-                }
-                _ => {
-                    c.send(ClientFrame::Hello {
-                        version: PROTOCOL_VERSION,
-                        agent_id: carol.id.clone(),
-                    })
-                    .await;
-                    c.send_raw(Message::binary(bytes)).await;
-                }
+    /// Neither agent lost its session to the server at any time.
+    fn assert_no_reconnects(&self) {
+        assert_eq!(self.alice.metric("dmr_agent_reconnects_total"), 0.0);
+        assert_eq!(self.bob.metric("dmr_agent_reconnects_total"), 0.0);
+    }
+
+    /// After an envelope attack: only `n` messages reached B's webhook (the closing one
+    /// included), and none of `never`.
+    fn assert_delivered_only(&self, n: usize, never: &[String]) {
+        for id in never {
+            assert_eq!(deliveries_of(&self.hook, id), 0, "{id} reached the webhook");
+        }
+        assert_eq!(self.hook.bodies().len(), n, "{:?}", self.hook.bodies());
+        assert_eq!(self.bob.metric("dmr_agent_delivered_total"), n as f64);
+    }
+
+    /// After refused API calls: nothing was sealed or sent, and the agent still serves.
+    fn still_relays_having_sent_nothing(&mut self) {
+        assert_eq!(self.alice.metric("dmr_agent_sent_total"), 0.0);
+        assert_eq!(self.server.metric("dmr_server_frames_in_total"), 0.0);
+        assert_eq!(
+            http_get(self.alice.addr, "/healthz").map(|r| r.0),
+            Some(200)
+        );
+        self.still_relays();
+        assert_eq!(self.alice.metric("dmr_agent_sent_total"), 1.0);
+    }
+
+    /// Scans every process log for the private keys of all agents in the world (line 2 of
+    /// the PEM, and the raw key bytes in hex and base64), the API token and every marker.
+    fn assert_no_secrets(&self) {
+        let mut needles: Vec<(String, String)> = Vec::new();
+        for a in &self.world.agents {
+            let pem = a.key.to_pem();
+            let body = pem.lines().nth(1).expect("a PEM body line").to_owned();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(&body)
+                .unwrap();
+            let raw = &der[der.len() - 32..];
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+            needles.push((format!("{}'s private key PEM", a.id), body));
+            needles.push((format!("{}'s private key (hex)", a.id), hex));
+            needles.push((format!("{}'s private key (base64)", a.id), b64));
+        }
+        needles.push(("the API token".into(), self.secrets.token.clone()));
+        for m in &self.secrets.markers {
+            needles.push((format!("plaintext marker {m}"), m.clone()));
+        }
+        for p in [&self.server.proc, &self.alice.proc, &self.bob.proc] {
+            let log = p.log_text();
+            assert!(!log.is_empty(), "{} wrote no log at all", p.name);
+            for (what, needle) in &needles {
+                assert!(
+                    !log.contains(needle.as_str()),
+                    "{what} appears in the log of {}",
+                    p.name
+                );
             }
-            let reason = ended(&mut c, 5 * SECOND)
-                .await
-                .unwrap_or_else(|e| panic!("round {round}: no close frame: {e}"));
-            assert!(
-                !reason.is_empty(),
-                "round {round}: a close without a reason"
-            );
         }
+    }
+}
 
-        // Random bytes after a good handshake. Frames that do not decode end the session
-        // with "bad frame"; random frames that do decode (Ack/Nack of deliveries this
-        // session never got) are ignored, and the session goes on working.
-        let mut closed = 0;
-        let mut ignored = 0;
-        for round in 0..40 {
-            let mut c = login(&server, carol).await;
-            let frame: Vec<u8> = if round % 4 == 3 {
-                let f = if round % 8 == 3 {
-                    ClientFrame::Ack {
-                        delivery: rng.gen(),
+// 1. The handshake and the frame layer -------------------------------------------------------
+
+/// A hostile peer on the server's WebSocket: refused or closed with its reason, while real
+/// agents keep relaying without reconnecting.
+mod peers {
+    use super::*;
+
+    /// An id the directory does not know.
+    #[test]
+    fn an_unknown_id_is_refused() {
+        let mut r = Relay::for_peers("adv-peer-unknown");
+        let url = r.server.ws_url();
+        smol::block_on(async {
+            let stranger = SecretKey::generate().unwrap();
+            let nobody = AgentId::new("nobody").unwrap();
+            let reason = expect_refused(
+                TestClient::connect(&url, &nobody, &stranger).await,
+                "directory",
+            );
+            tried(
+                "Hello as unknown id \"nobody\"",
+                format!("closed: {reason}"),
+            );
+        });
+        assert_handshakes(&r.server, 1.0, 0.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// The id of a connected agent with the wrong key: refused, and the real session stays.
+    #[test]
+    fn a_wrong_key_is_refused_and_the_real_session_stays() {
+        let mut r = Relay::for_peers("adv-peer-wrongkey");
+        let url = r.server.ws_url();
+        let bob = r.world.agent("bob").id.clone();
+        smol::block_on(async {
+            let stranger = SecretKey::generate().unwrap();
+            let reason = expect_refused(TestClient::connect(&url, &bob, &stranger).await, "proof");
+            tried(
+                "bob's id with a stranger's key",
+                format!("closed: {reason}"),
+            );
+        });
+        assert_eq!(r.bob.metric("dmr_agent_connected"), 1.0);
+        assert_handshakes(&r.server, 0.0, 1.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// A proof recorded from one good handshake, replayed on a new connection: the new
+    /// challenge has a fresh ephemeral key and nonce, so the old MAC is worthless.
+    #[test]
+    fn a_replayed_proof_is_refused() {
+        let mut r = Relay::for_peers("adv-peer-replay");
+        let url = r.server.ws_url();
+        let carol = r.world.agent("carol");
+        smol::block_on(async {
+            let mut first = hello(&url, &carol.id, PROTOCOL_VERSION).await;
+            let Ok(ServerFrame::Challenge {
+                ephemeral_pk,
+                nonce,
+            }) = first.recv().await
+            else {
+                panic!("expected Challenge")
+            };
+            let recorded = crypto::prove(&carol.key, &carol.id, &ephemeral_pk, &nonce).unwrap();
+            first.send(ClientFrame::Proof { mac: recorded }).await;
+            assert!(
+                matches!(first.recv().await, Ok(ServerFrame::Welcome { .. })),
+                "the genuine proof must be welcomed"
+            );
+            tried("the genuine proof", "welcomed");
+            for i in 0..3 {
+                let mut replay = hello(&url, &carol.id, PROTOCOL_VERSION).await;
+                replay.send(ClientFrame::Proof { mac: recorded }).await;
+                let reason = ended(&mut replay, 5 * SECOND).await.expect("a close frame");
+                tried(
+                    format!("replay {i} of the proof"),
+                    format!("closed: {reason}"),
+                );
+                assert!(reason.contains("proof"), "{reason}");
+            }
+        });
+        assert_handshakes(&r.server, 0.0, 3.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// Versions this server does not speak: closed naming the version.
+    #[test]
+    fn unsupported_versions_are_refused() {
+        let mut r = Relay::for_peers("adv-peer-version");
+        let url = r.server.ws_url();
+        let carol = r.world.agent("carol").id.clone();
+        smol::block_on(async {
+            for version in [0, PROTOCOL_VERSION + 1, 0x7fff, u16::MAX] {
+                let mut c = hello(&url, &carol, version).await;
+                let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
+                tried(
+                    format!("Hello version {version}"),
+                    format!("closed: {reason}"),
+                );
+                assert!(
+                    reason.contains("version") && reason.contains(&version.to_string()),
+                    "{reason}"
+                );
+            }
+        });
+        assert_handshakes(&r.server, 0.0, 0.0, 4.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// Random bytes instead of Hello, as binary and as text frames, and random bytes instead
+    /// of Proof: every connection is closed with a reason, nobody is welcomed.
+    #[test]
+    fn random_bytes_before_the_handshake_are_closed() {
+        let mut r = Relay::for_peers("adv-peer-noise");
+        let url = r.server.ws_url();
+        let carol = r.world.agent("carol").id.clone();
+        let mut rng = StdRng::seed_from_u64(0xD3_A7);
+        smol::block_on(async {
+            for round in 0..60 {
+                let len = rng.gen_range(0..300);
+                let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let (what, mut c) = match round % 3 {
+                    0 => {
+                        let mut c = TestClient::open(&url).await;
+                        c.send_raw(Message::binary(bytes)).await;
+                        ("binary instead of Hello", c)
                     }
-                } else {
-                    ClientFrame::Nack {
-                        delivery: rng.gen(),
-                        reason: "x".repeat(rng.gen_range(0..5000)),
+                    1 => {
+                        let mut c = TestClient::open(&url).await;
+                        let text: String = bytes.iter().map(|&b| char::from(b)).collect();
+                        c.send_raw(Message::text(text)).await;
+                        ("text instead of Hello", c)
+                    }
+                    _ => {
+                        let mut c = hello(&url, &carol, PROTOCOL_VERSION).await;
+                        c.send_raw(Message::binary(bytes)).await;
+                        ("binary instead of Proof", c)
                     }
                 };
-                f.encode()
-            } else {
-                let len = rng.gen_range(1..2000);
-                (0..len).map(|_| rng.gen()).collect()
-            };
-            let decodes = ClientFrame::decode(&frame, WS_LIMIT).is_ok();
-            c.send_raw(Message::binary(frame)).await;
-            if decodes {
-                let env = support::envelope(carol, bob_id, b"{\"after\":\"ack noise\"}");
-                expect_accepted(&send(&mut c, env).await);
-                ignored += 1;
-            } else {
-                let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
-                assert!(reason.contains("bad frame"), "round {round}: {reason}");
-                closed += 1;
+                let reason = ended(&mut c, 5 * SECOND)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: no close frame: {e}"));
+                tried(
+                    format!("round {round}: {len} random bytes, {what}"),
+                    format!("closed: {reason}"),
+                );
+                assert!(
+                    !reason.is_empty(),
+                    "round {round}: a close without a reason"
+                );
             }
-        }
+        });
+        assert_handshakes(&r.server, 0.0, 0.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// Random bytes after a good handshake. Frames that do not decode end the session with
+    /// "bad frame"; random frames that do decode (Ack/Nack of deliveries this session never
+    /// got) are ignored, and the session goes on working.
+    #[test]
+    fn random_frames_after_the_handshake_end_only_that_session() {
+        let mut r = Relay::for_peers("adv-peer-frames");
+        let (carol, bob) = (r.world.agent("carol"), r.world.agent("bob"));
+        let mut rng = StdRng::seed_from_u64(0xD3_A8);
+        let (mut closed, mut ignored) = (0, 0);
+        smol::block_on(async {
+            for round in 0..40 {
+                let mut c = login(&r.server, carol).await;
+                let frame: Vec<u8> = if round % 4 == 3 {
+                    let f = if round % 8 == 3 {
+                        ClientFrame::Ack {
+                            delivery: rng.gen(),
+                        }
+                    } else {
+                        ClientFrame::Nack {
+                            delivery: rng.gen(),
+                            reason: "x".repeat(rng.gen_range(0..5000)),
+                        }
+                    };
+                    f.encode()
+                } else {
+                    let len = rng.gen_range(1..2000);
+                    (0..len).map(|_| rng.gen()).collect()
+                };
+                let len = frame.len();
+                let decodes = ClientFrame::decode(&frame, WS_LIMIT).is_ok();
+                c.send_raw(Message::binary(frame)).await;
+                if decodes {
+                    let env = support::envelope(carol, bob, b"{\"after\":\"ack noise\"}");
+                    expect_accepted(&send(&mut c, env).await);
+                    tried(
+                        format!("round {round}: a stray Ack/Nack ({len} bytes)"),
+                        "ignored; the next envelope accepted",
+                    );
+                    ignored += 1;
+                } else {
+                    let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
+                    tried(
+                        format!("round {round}: {len} random bytes"),
+                        format!("closed: {reason}"),
+                    );
+                    assert!(reason.contains("bad frame"), "round {round}: {reason}");
+                    closed += 1;
+                }
+            }
+        });
         assert!(
             closed >= 20 && ignored >= 5,
             "closed {closed}, ignored {ignored}"
         );
-
-        // Oversized frames. Before the handshake the limit is 1 KiB; after it the WebSocket
-        // limit is --max-message-bytes + 4 KiB, and anything larger ends the connection.
-        let mut c = TestClient::open(&url).await;
-        c.send_raw(Message::binary(vec![0u8; 2000])).await;
-        let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
-        assert!(reason.contains("exceeds limit of 1024"), "{reason}");
-        for size in [WS_LIMIT + 1, 4 * WS_LIMIT] {
-            let mut c = TestClient::open(&url).await;
-            c.send_raw(Message::binary(vec![0u8; size])).await;
-            // A close frame or a reset: either way the connection must end, promptly.
-            let _ = ended(&mut c, 5 * SECOND).await;
-        }
-        for size in [WS_LIMIT + 1, 4 * WS_LIMIT] {
-            let mut c = login(&server, carol).await;
-            c.send_raw(Message::binary(vec![2u8; size])).await;
-            let _ = ended(&mut c, 5 * SECOND).await;
-        }
-        // An envelope just over the message limit but inside the frame limit is refused
-        // as TooLarge, and the session survives.
-        let mut c = login(&server, carol).await;
-        let big = support::envelope(carol, bob_id, &vec![b'x'; MAX_MESSAGE + 100]);
-        expect_rejected(&send(&mut c, big).await, RejectCode::TooLarge);
-        let ok = support::envelope(carol, bob_id, b"{\"still\":\"here\"}");
-        expect_accepted(&send(&mut c, ok).await);
-        drop(c);
-    });
-    assert_eq!(handshakes(&server, "unknown_agent"), 1.0);
-    assert_eq!(handshakes(&server, "bad_proof"), 4.0);
-    assert_eq!(handshakes(&server, "bad_version"), 4.0);
-    assert_eq!(handshakes(&server, "timeout"), 0.0);
-
-    // 200 connections that never finish the handshake: half say nothing after the upgrade,
-    // half send Hello and never answer the Challenge. A real client is served at once
-    // meanwhile; all 200 are closed at the 2 s deadline and their sockets released.
-    let fds_before = open_fds(&server.proc);
-    let marker = secrets.marker("during-flood");
-    let flood_id = smol::block_on(async {
-        let started = Instant::now();
-        let mut idle = Vec::new();
-        for i in 0..200 {
-            let mut c = TestClient::open(&url).await;
-            if i % 2 == 1 {
-                c.send(ClientFrame::Hello {
-                    version: PROTOCOL_VERSION,
-                    agent_id: carol.id.clone(),
-                })
-                .await;
-            }
-            idle.push(c);
-        }
-        let opened = started.elapsed();
-        assert!(
-            opened < Duration::from_millis(1500),
-            "opening took {opened:?}"
-        );
-
-        let t = Instant::now();
-        let mut real = login(&server, carol).await;
-        let env = support::envelope(carol, bob_id, json!({ "m": marker }).to_string().as_bytes());
-        let id = env.header().id;
-        expect_accepted(&send(&mut real, env).await);
-        let served = t.elapsed();
-        assert!(
-            served < SECOND,
-            "a real client waited {served:?} behind the idle ones"
-        );
-        if started.elapsed() < Duration::from_millis(1800) {
-            assert_eq!(
-                handshakes(&server, "timeout"),
-                0.0,
-                "closed before the deadline"
-            );
-        }
-
-        for (i, c) in idle.iter_mut().enumerate() {
-            let reason = ended(c, 8 * SECOND)
-                .await
-                .unwrap_or_else(|e| panic!("idle connection {i} ended without a close: {e}"));
-            assert!(
-                reason.contains("timed out"),
-                "idle connection {i}: {reason}"
-            );
-        }
-        let all_closed = started.elapsed();
-        assert!(
-            all_closed >= 2 * SECOND && all_closed < opened + 5 * SECOND,
-            "the 200 idle connections were closed after {all_closed:?}"
-        );
-        drop(idle);
-        id.to_string()
-    });
-    wait_until(5 * SECOND, "200 handshake timeouts counted", || {
-        handshakes(&server, "timeout") == 200.0
-    });
-    wait_until(5 * SECOND, "the server to release the idle sockets", || {
-        open_fds(&server.proc) <= fds_before + 5
-    });
-    wait_until(
-        10 * SECOND,
-        "the message sent during the flood at B",
-        || deliveries_of(&hook, &flood_id) == 1,
-    );
-
-    // The stalled HTTP sockets: closed by the header deadline, not left open forever.
-    for (mut s, opened, what) in stalled {
-        let left = (opened + 16 * SECOND).saturating_duration_since(Instant::now());
-        s.set_read_timeout(Some(left.max(Duration::from_millis(10))))
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => break,
-                Err(e) => panic!("{what} still open after {:?}: {e}", opened.elapsed()),
-            }
-        }
+        assert_handshakes(&r.server, 0.0, 0.0, 0.0);
+        r.still_relays_without_reconnects();
     }
 
-    still_relays(&mut server, &mut alice, &mut bob, &hook, &mut secrets);
-    assert_eq!(alice.metric("dmr_agent_reconnects_total"), 0.0);
-    assert_eq!(bob.metric("dmr_agent_reconnects_total"), 0.0);
-    assert_no_secrets(&world, &[&server.proc, &alice.proc, &bob.proc], &secrets);
+    /// Oversized frames. Before the handshake the limit is 1 KiB; after it the WebSocket
+    /// limit is --max-message-bytes + 4 KiB, and anything larger ends the connection.
+    #[test]
+    fn oversized_frames_end_the_connection() {
+        let mut r = Relay::for_peers("adv-peer-oversize");
+        let url = r.server.ws_url();
+        let carol = r.world.agent("carol");
+        smol::block_on(async {
+            let mut c = TestClient::open(&url).await;
+            c.send_raw(Message::binary(vec![0u8; 2000])).await;
+            let reason = ended(&mut c, 5 * SECOND).await.expect("a close frame");
+            tried("2000 bytes before Hello", format!("closed: {reason}"));
+            assert!(reason.contains("exceeds limit of 1024"), "{reason}");
+            // A close frame or a reset: either way the connection must end, promptly.
+            for size in [WS_LIMIT + 1, 4 * WS_LIMIT] {
+                let mut c = TestClient::open(&url).await;
+                c.send_raw(Message::binary(vec![0u8; size])).await;
+                let end = ended(&mut c, 5 * SECOND).await;
+                tried(
+                    format!("{size} bytes before Hello"),
+                    format!("ended: {end:?}"),
+                );
+            }
+            for size in [WS_LIMIT + 1, 4 * WS_LIMIT] {
+                let mut c = login(&r.server, carol).await;
+                c.send_raw(Message::binary(vec![2u8; size])).await;
+                let end = ended(&mut c, 5 * SECOND).await;
+                tried(
+                    format!("{size} bytes after login"),
+                    format!("ended: {end:?}"),
+                );
+            }
+        });
+        assert_handshakes(&r.server, 0.0, 0.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
+
+    /// An envelope just over the message limit but inside the frame limit is refused as
+    /// TooLarge, and the session survives.
+    #[test]
+    fn an_envelope_over_the_message_limit_is_too_large() {
+        let mut r = Relay::for_peers("adv-peer-toolarge");
+        let (carol, bob) = (r.world.agent("carol"), r.world.agent("bob"));
+        smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            let big = support::envelope(carol, bob, &vec![b'x'; MAX_MESSAGE + 100]);
+            let reason = expect_rejected(&send(&mut c, big).await, RejectCode::TooLarge);
+            tried(
+                "an envelope 100 bytes over the limit",
+                format!("rejected: {reason}"),
+            );
+            let ok = support::envelope(carol, bob, b"{\"still\":\"here\"}");
+            expect_accepted(&send(&mut c, ok).await);
+            tried("a normal envelope on the same session", "accepted");
+        });
+        assert_handshakes(&r.server, 0.0, 0.0, 0.0);
+        r.still_relays_without_reconnects();
+    }
 }
 
-// 2. Hostile envelopes through the relay to a real agent -------------------------------------
+// 2. Clients that never finish ---------------------------------------------------------------
 
-/// What the relay cannot judge (it cannot read content) the recipient agent must: forged
-/// senders are stopped at the server; tampered or unreadable envelopes are counted, never
-/// delivered, and end in the dead-letter queue; a replayed envelope reaches the webhook once;
-/// stale or future-dated ones are dropped; a removed agent is cut off and what it had queued
-/// is dead-lettered, not delivered.
-#[test]
-fn hostile_envelopes_never_reach_the_webhook() {
-    let world = World::new("adv-env", &["alice", "bob", "carol", "dave"]);
-    let max = MAX_MESSAGE.to_string();
-    let mut server = Server::start(
-        &world,
-        "server",
-        &["--delivery-limit", "2", "--max-message-bytes", &max],
-    );
-    let url = server.ws_url();
-    let mut secrets = Secrets::new();
-    let (alice_id, bob_id) = (world.agent("alice"), world.agent("bob"));
-    let (carol, dave) = (world.agent("carol"), world.agent("dave"));
+/// Connections that stall are closed at their deadline and their resources released, while
+/// real clients are served at once meanwhile.
+mod deadlines {
+    use super::*;
 
-    // Dave queues a message for Bob (offline), then is removed from the directory: his
-    // session is closed, he cannot log in again, and what he queued is not delivered.
-    let dave_marker = secrets.marker("from-removed-dave");
-    let dave_id = smol::block_on(async {
-        let mut d = login(&server, dave).await;
-        let env = support::envelope(
-            dave,
-            bob_id,
-            json!({ "m": dave_marker }).to_string().as_bytes(),
+    /// 200 connections that never finish the handshake: half say nothing after the upgrade,
+    /// half send Hello and never answer the Challenge. A real client is served at once
+    /// meanwhile; all 200 are closed at the 2 s deadline and their sockets released.
+    #[test]
+    fn idle_handshakes_time_out_without_delaying_real_clients() {
+        let mut r = Relay::for_peers("adv-peer-flood");
+        let url = r.server.ws_url();
+        let (carol, bob) = (r.world.agent("carol"), r.world.agent("bob"));
+        let fds_before = open_fds(&r.server.proc);
+        let marker = r.secrets.marker("during-flood");
+        let flood_id = smol::block_on(async {
+            let started = Instant::now();
+            let mut idle = Vec::new();
+            for i in 0..200 {
+                let c = if i % 2 == 1 {
+                    hello(&url, &carol.id, PROTOCOL_VERSION).await
+                } else {
+                    TestClient::open(&url).await
+                };
+                idle.push(c);
+            }
+            let opened = started.elapsed();
+            tried("opening 200 idle connections", format!("took {opened:?}"));
+            assert!(
+                opened < Duration::from_millis(1500),
+                "opening took {opened:?}"
+            );
+
+            let t = Instant::now();
+            let mut real = login(&r.server, carol).await;
+            let env = support::envelope(carol, bob, json!({ "m": marker }).to_string().as_bytes());
+            let id = env.header().id;
+            expect_accepted(&send(&mut real, env).await);
+            let served = t.elapsed();
+            tried(
+                "a real client meanwhile",
+                format!("accepted after {served:?}"),
+            );
+            assert!(
+                served < SECOND,
+                "a real client waited {served:?} behind the idle ones"
+            );
+            if started.elapsed() < Duration::from_millis(1800) {
+                assert_eq!(
+                    handshakes(&r.server, "timeout"),
+                    0.0,
+                    "closed before the deadline"
+                );
+            }
+
+            for (i, c) in idle.iter_mut().enumerate() {
+                let reason = ended(c, 8 * SECOND)
+                    .await
+                    .unwrap_or_else(|e| panic!("idle connection {i} ended without a close: {e}"));
+                assert!(
+                    reason.contains("timed out"),
+                    "idle connection {i}: {reason}"
+                );
+            }
+            let all_closed = started.elapsed();
+            tried(
+                "waiting for the idle ones",
+                format!("all closed after {all_closed:?}"),
+            );
+            assert!(
+                all_closed >= 2 * SECOND && all_closed < opened + 5 * SECOND,
+                "the 200 idle connections were closed after {all_closed:?}"
+            );
+            drop(idle);
+            id.to_string()
+        });
+        wait_until(5 * SECOND, "200 handshake timeouts counted", || {
+            handshakes(&r.server, "timeout") == 200.0
+        });
+        wait_until(5 * SECOND, "the server to release the idle sockets", || {
+            open_fds(&r.server.proc) <= fds_before + 5
+        });
+        let hook = &r.hook;
+        wait_until(
+            10 * SECOND,
+            "the message sent during the flood at B",
+            || deliveries_of(hook, &flood_id) == 1,
         );
-        let id = env.header().id;
-        expect_accepted(&send(&mut d, env).await);
-        world.write_directory(
-            &["alice", "bob", "carol"].map(|id| (id.to_owned(), world.agent(id).key.public_key())),
+        r.still_relays_without_reconnects();
+    }
+
+    /// HTTP clients that never finish, on one relay so the two 10 s waits overlap (each
+    /// case is reported on its own, none hides another):
+    /// - sockets that never complete a request, to the server and to an agent's API: silent,
+    ///   or a request line and one header and then nothing (slowloris). hyper's header-read
+    ///   deadline (10 s) must close them;
+    /// - uploads to the API that stall (10 of 100 announced bytes, then nothing) or trickle
+    ///   (a byte every 300 ms): answered 408 naming the body at the 10 s body deadline.
+    #[test]
+    fn stalled_http_clients_are_cut_off_at_their_deadlines() {
+        let mut r = Relay::for_peers("adv-http-stalled");
+        let slow: Vec<_> = [("stalled", 0u64), ("trickling", 300)]
+            .into_iter()
+            .map(|(what, every_ms)| {
+                let (addr, bearer) = (r.alice.addr, r.secrets.bearer());
+                let t = std::thread::spawn(move || slow_upload(addr, &bearer, every_ms));
+                (what, t)
+            })
+            .collect();
+        let mut stalled: Vec<(TcpStream, Instant, String)> = Vec::new();
+        for (target, addr) in [("server", r.server.addr), ("agent API", r.alice.addr)] {
+            for i in 0..10 {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let what = if i % 2 == 0 {
+                    "silent"
+                } else {
+                    s.write_all(b"GET /v1/ws HTTP/1.1\r\nhost: x\r\n").unwrap();
+                    "slowloris"
+                };
+                stalled.push((
+                    s,
+                    Instant::now(),
+                    format!("{what} socket {i} to the {target}"),
+                ));
+            }
+        }
+        let mut failures = Vec::new();
+        for (s, opened, what) in stalled {
+            match closed_by(s, opened + 16 * SECOND) {
+                Ok(()) => tried(&what, format!("closed after {:?}", opened.elapsed())),
+                Err(e) => {
+                    tried(
+                        &what,
+                        format!("still open after {:?}: {e}", opened.elapsed()),
+                    );
+                    failures.push(format!(
+                        "{what} still open after {:?}: {e}",
+                        opened.elapsed()
+                    ));
+                }
+            }
+        }
+        for (what, t) in slow {
+            let (status, v, took) = t.join().unwrap();
+            tried(
+                format!("a {what} upload"),
+                format!("{status} {v} after {took:?}"),
+            );
+            let error = v["error"].as_str().unwrap_or_default();
+            if status != 408
+                || !error.contains("body")
+                || !(9 * SECOND..15 * SECOND).contains(&took)
+            {
+                failures.push(format!(
+                    "{what} upload: want 408 naming the body after 10 s, got {status} {v} after {took:?}"
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        r.still_relays_having_sent_nothing();
+        r.assert_no_reconnects();
+    }
+}
+
+// 3. Hostile envelopes through the relay to a real agent -------------------------------------
+
+/// What the relay cannot judge (it cannot read content) the recipient agent must.
+mod envelopes {
+    use super::*;
+
+    /// Sealed by Alice's key and naming Alice but sent on Carol's session, and Carol's own
+    /// envelope relabelled as Alice's: both stopped at the server.
+    #[test]
+    fn forged_senders_are_rejected_by_the_server() {
+        let mut r = Stage::for_envelopes("adv-env-forged").with_agents();
+        let (alice, bob, carol) = (
+            r.world.agent("alice"),
+            r.world.agent("bob"),
+            r.world.agent("carol"),
         );
-        let reason = ended(&mut d, 10 * SECOND).await.expect("a close frame");
-        assert!(reason.contains("removed"), "{reason}");
-        expect_refused(
-            TestClient::connect(&url, &dave.id, &dave.key).await,
-            "directory",
+        smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            let forged = support::envelope(alice, bob, b"{\"forged\":1}");
+            let reason = expect_rejected(&send(&mut c, forged).await, RejectCode::ForgedSender);
+            tried(
+                "Alice's envelope on Carol's session",
+                format!("rejected: {reason}"),
+            );
+            assert!(
+                reason.contains("alice") && reason.contains("carol"),
+                "{reason}"
+            );
+            let mut relabelled = support::envelope(carol, bob, b"{\"forged\":2}");
+            relabelled.tamper().0.sender = alice.id.clone();
+            let reason = expect_rejected(&send(&mut c, relabelled).await, RejectCode::ForgedSender);
+            tried(
+                "Carol's envelope relabelled as Alice's",
+                format!("rejected: {reason}"),
+            );
+        });
+        r.still_relays();
+        assert_eq!(
+            r.server
+                .metric("dmr_server_rejected_total{code=\"forged_sender\"}"),
+            2.0
         );
-        id.to_string()
-    });
+        r.assert_delivered_only(1, &[]);
+    }
 
-    let hook = Webhook::start();
-    let mut alice = spawn_agent(&world, "alice", &server, None, &secrets);
-    let mut bob = spawn_agent(&world, "bob", &server, Some(&hook), &secrets);
-
-    let mut dead: Vec<String> = vec![dave_id.clone()];
-    let mut never: Vec<String> = vec![dave_id];
-    let (replay_id, tampered_count) = smol::block_on(async {
-        let mut c = login(&server, carol).await;
-
-        // Forged sender: sealed by Alice's key and naming Alice, sent on Carol's session;
-        // and Carol's own envelope relabelled as Alice's.
-        let forged = support::envelope(alice_id, bob_id, b"{\"forged\":1}");
-        let reason = expect_rejected(&send(&mut c, forged).await, RejectCode::ForgedSender);
-        assert!(
-            reason.contains("alice") && reason.contains("carol"),
-            "{reason}"
-        );
-        let mut relabelled = support::envelope(carol, bob_id, b"{\"forged\":2}");
-        relabelled.tamper().0.sender = alice_id.id.clone();
-        expect_rejected(&send(&mut c, relabelled).await, RejectCode::ForgedSender);
-
-        // Tampered envelopes: the server cannot tell, B's agent must.
+    /// Tampered envelopes (the server cannot tell) and a genuine one whose plaintext is not
+    /// JSON: counted by B's agent, never delivered, and in the dead-letter queue after
+    /// --delivery-limit 2.
+    #[test]
+    fn unreadable_envelopes_are_dead_lettered() {
+        let mut r = Stage::for_envelopes("adv-env-tampered").with_agents();
+        let (bob, carol) = (r.world.agent("bob"), r.world.agent("carol"));
         type Tamper = fn(&mut Envelope);
         let tampers: [(&str, Tamper); 9] = [
             ("ciphertext bit", |e| e.tamper().2[3] ^= 0x01),
@@ -684,477 +1050,528 @@ fn hostile_envelopes_never_reach_the_webhook() {
             ("empty", |e| e.tamper().2.clear()),
             ("extended", |e| e.tamper().2.push(0)),
         ];
-        for (what, tamper) in tampers {
-            let marker = secrets.marker(&format!("tampered-{}", what.replace(' ', "-")));
-            let mut env =
-                support::envelope(carol, bob_id, json!({ "m": marker }).to_string().as_bytes());
-            tamper(&mut env);
+        let mut unreadable = Vec::new();
+        let secrets = &mut r.secrets;
+        smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            for (what, tamper) in tampers {
+                let marker = secrets.marker(&format!("tampered-{}", what.replace(' ', "-")));
+                let mut env =
+                    support::envelope(carol, bob, json!({ "m": marker }).to_string().as_bytes());
+                tamper(&mut env);
+                let id = env.header().id.to_string();
+                expect_accepted(&send(&mut c, env).await);
+                tried(
+                    format!("an envelope with its {what} tampered"),
+                    "accepted by the relay",
+                );
+                unreadable.push(id);
+            }
+            let env = support::envelope(carol, bob, b"\xff\xfe not json at all");
             let id = env.header().id.to_string();
             expect_accepted(&send(&mut c, env).await);
-            dead.push(id.clone());
-            never.push(id);
-        }
-        // Genuine, but the plaintext is not JSON: refused the same way, never delivered.
-        let env = support::envelope(carol, bob_id, b"\xff\xfe not json at all");
-        let id = env.header().id.to_string();
-        expect_accepted(&send(&mut c, env).await);
-        dead.push(id.clone());
-        never.push(id);
-
-        // Stale and future-dated (but genuinely sealed): dropped and acknowledged.
-        for (what, at) in [
-            ("stale", now_ms() - 2 * 24 * 3600 * 1000),
-            ("future", now_ms() + 3600 * 1000),
-        ] {
-            let marker = secrets.marker(what);
-            let env = sealed_at(
-                carol,
-                bob_id,
-                json!({ "m": marker }).to_string().as_bytes(),
-                at,
+            tried(
+                "a genuine envelope whose plaintext is not JSON",
+                "accepted by the relay",
             );
+            unreadable.push(id);
+        });
+        assert_dead_lettered(&r.world, &unreadable);
+        let failures = r.bob.metric("dmr_agent_decrypt_failures_total");
+        let n = unreadable.len() as f64;
+        tried("B's decrypt failure count", failures);
+        assert!(
+            (2.0 * n..=3.0 * n).contains(&failures),
+            "{failures} decrypt failures for {n} envelopes delivered 2-3 times each"
+        );
+        r.still_relays();
+        r.assert_delivered_only(1, &unreadable);
+    }
+
+    /// Stale and future-dated (but genuinely sealed): dropped, counted and acknowledged.
+    #[test]
+    fn stale_and_future_envelopes_are_dropped() {
+        let mut r = Stage::for_envelopes("adv-env-stale").with_agents();
+        let (bob, carol) = (r.world.agent("bob"), r.world.agent("carol"));
+        let mut never = Vec::new();
+        let secrets = &mut r.secrets;
+        smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            for (what, at) in [
+                ("stale", now_ms() - 2 * 24 * 3600 * 1000),
+                ("future", now_ms() + 3600 * 1000),
+            ] {
+                let marker = secrets.marker(what);
+                let payload = json!({ "m": marker }).to_string();
+                let env = sealed_at(carol, bob, payload.as_bytes(), at);
+                never.push(env.header().id.to_string());
+                expect_accepted(&send(&mut c, env).await);
+                tried(format!("a {what} envelope"), "accepted by the relay");
+            }
+        });
+        let bob = &r.bob;
+        wait_until(
+            10 * SECOND,
+            "the stale and future envelopes dropped",
+            || bob.metric("dmr_agent_stale_total") == 2.0,
+        );
+        tried("B's stale count", "2");
+        r.still_relays();
+        r.assert_delivered_only(1, &never);
+    }
+
+    /// The exact same envelope twice: delivered once, the copy counted as a duplicate.
+    #[test]
+    fn a_replayed_envelope_is_delivered_once() {
+        let mut r = Stage::for_envelopes("adv-env-replay").with_agents();
+        let (bob, carol) = (r.world.agent("bob"), r.world.agent("carol"));
+        let marker = r.secrets.marker("replayed");
+        let replay_id = smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            let env = support::envelope(carol, bob, json!({ "m": marker }).to_string().as_bytes());
+            expect_accepted(&send(&mut c, env.clone()).await);
             let id = env.header().id.to_string();
             expect_accepted(&send(&mut c, env).await);
-            never.push(id);
-        }
-
-        // The exact same envelope twice.
-        let marker = secrets.marker("replayed");
-        let env = support::envelope(carol, bob_id, json!({ "m": marker }).to_string().as_bytes());
-        let replay_id = env.header().id.to_string();
-        expect_accepted(&send(&mut c, env.clone()).await);
-        expect_accepted(&send(&mut c, env).await);
-
-        // Acks and nacks for deliveries this session never had change nothing.
-        for delivery in [0, 1, 2, 7, u64::MAX] {
-            c.send(ClientFrame::Ack { delivery }).await;
-            c.send(ClientFrame::Nack {
-                delivery,
-                reason: "not mine".into(),
-            })
-            .await;
-        }
-        (replay_id, tampers.len() + 1)
-    });
-
-    // The replayed envelope: delivered once, the copy counted as a duplicate.
-    wait_until(15 * SECOND, "the replayed envelope handled twice", || {
-        bob.metric("dmr_agent_duplicates_total") >= 1.0 && deliveries_of(&hook, &replay_id) >= 1
-    });
-    // Stale and future: counted.
-    wait_until(
-        10 * SECOND,
-        "the stale and future envelopes dropped",
-        || bob.metric("dmr_agent_stale_total") == 2.0,
-    );
-    // Everything unreadable: in the DLQ after --delivery-limit 2.
-    let want: std::collections::BTreeSet<String> = dead.iter().cloned().collect();
-    let end = Instant::now() + 20 * SECOND;
-    let found = loop {
-        let got: std::collections::BTreeSet<String> =
-            peek_queue(&world.dlq(), want.len() + 5, SECOND)
-                .into_iter()
-                .filter_map(|m| m.message_id)
-                .collect();
-        if got == want || Instant::now() > end {
-            break got;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    assert_eq!(
-        found, want,
-        "the dead-letter queue should hold exactly the unreadable ones"
-    );
-    let failures = bob.metric("dmr_agent_decrypt_failures_total");
-    let n = tampered_count as f64;
-    assert!(
-        (2.0 * n..=3.0 * n).contains(&failures),
-        "{failures} decrypt failures for {tampered_count} envelopes delivered 2-3 times each"
-    );
-    assert!(
-        bob.proc
-            .log_text()
-            .contains("sender dave is not in the directory"),
-        "B's agent should say why it refused Dave's message"
-    );
-
-    still_relays(&mut server, &mut alice, &mut bob, &hook, &mut secrets);
-    assert_eq!(deliveries_of(&hook, &replay_id), 1);
-    assert_eq!(bob.metric("dmr_agent_duplicates_total"), 1.0);
-    for id in &never {
-        assert_eq!(deliveries_of(&hook, id), 0, "{id} reached the webhook");
+            tried("the same envelope twice", "both accepted by the relay");
+            id
+        });
+        let (bob, hook) = (&r.bob, &r.hook);
+        wait_until(15 * SECOND, "the replayed envelope handled twice", || {
+            bob.metric("dmr_agent_duplicates_total") >= 1.0 && deliveries_of(hook, &replay_id) >= 1
+        });
+        r.still_relays();
+        assert_eq!(deliveries_of(&r.hook, &replay_id), 1);
+        assert_eq!(r.bob.metric("dmr_agent_duplicates_total"), 1.0);
+        tried("counting deliveries", "one delivery, one duplicate");
+        r.assert_delivered_only(2, &[]);
     }
-    // Only the replayed envelope and the closing message got through.
-    assert_eq!(hook.bodies().len(), 2, "{:?}", hook.bodies());
-    assert_eq!(bob.metric("dmr_agent_delivered_total"), 2.0);
-    assert_eq!(
-        server.metric("dmr_server_rejected_total{code=\"forged_sender\"}"),
-        2.0
-    );
-    assert_no_secrets(&world, &[&server.proc, &alice.proc, &bob.proc], &secrets);
+
+    /// Acks and nacks for deliveries this session never had change nothing: the session
+    /// goes on, and nothing extra reaches B.
+    #[test]
+    fn stray_acks_and_nacks_change_nothing() {
+        let mut r = Stage::for_envelopes("adv-env-acks").with_agents();
+        let (bob, carol) = (r.world.agent("bob"), r.world.agent("carol"));
+        let after = smol::block_on(async {
+            let mut c = login(&r.server, carol).await;
+            for delivery in [0, 1, 2, 7, u64::MAX] {
+                c.send(ClientFrame::Ack { delivery }).await;
+                c.send(ClientFrame::Nack {
+                    delivery,
+                    reason: "not mine".into(),
+                })
+                .await;
+            }
+            let env = support::envelope(carol, bob, b"{\"after\":\"stray acks\"}");
+            let id = env.header().id.to_string();
+            expect_accepted(&send(&mut c, env).await);
+            tried(
+                "Ack and Nack of deliveries 0, 1, 2, 7, MAX",
+                "the next envelope accepted",
+            );
+            id
+        });
+        let hook = &r.hook;
+        wait_until(
+            10 * SECOND,
+            "the envelope after the stray acks at B",
+            || deliveries_of(hook, &after) == 1,
+        );
+        r.still_relays();
+        r.assert_delivered_only(2, &[]);
+    }
+
+    /// Dave queues a message for Bob (offline), then is removed from the directory: his
+    /// session is closed, he cannot log in again, and what he queued is dead-lettered by B's
+    /// agent, not delivered.
+    #[test]
+    fn a_removed_agent_is_cut_off_and_its_queued_message_dead_lettered() {
+        let mut stage = Stage::for_envelopes("adv-env-removed");
+        let (world, url) = (&stage.world, stage.server.ws_url());
+        let (bob, dave) = (world.agent("bob"), world.agent("dave"));
+        let marker = stage.secrets.marker("from-removed-dave");
+        let dave_id = smol::block_on(async {
+            let mut d = login(&stage.server, dave).await;
+            let env = support::envelope(dave, bob, json!({ "m": marker }).to_string().as_bytes());
+            let id = env.header().id;
+            expect_accepted(&send(&mut d, env).await);
+            tried("Dave queues a message for offline Bob", "accepted");
+            world.write_directory(
+                &["alice", "bob", "carol"]
+                    .map(|id| (id.to_owned(), world.agent(id).key.public_key())),
+            );
+            let reason = ended(&mut d, 10 * SECOND).await.expect("a close frame");
+            tried(
+                "removing Dave from the directory",
+                format!("his session closed: {reason}"),
+            );
+            assert!(reason.contains("removed"), "{reason}");
+            let reason = expect_refused(
+                TestClient::connect(&url, &dave.id, &dave.key).await,
+                "directory",
+            );
+            tried("Dave logging in again", format!("closed: {reason}"));
+            id.to_string()
+        });
+        let mut r = stage.with_agents();
+        assert_dead_lettered(&r.world, std::slice::from_ref(&dave_id));
+        assert!(
+            r.bob
+                .proc
+                .log_text()
+                .contains("sender dave is not in the directory"),
+            "B's agent should say why it refused Dave's message"
+        );
+        r.still_relays();
+        r.assert_delivered_only(1, &[dave_id]);
+    }
 }
 
-// 3. Hostile bodies on the agent's HTTP API --------------------------------------------------
+// 4. Hostile bodies on the agent's HTTP API --------------------------------------------------
 
-/// Bodies that are not JSON, nested 100 000 deep, too large, or with wrong types: each gets
-/// the documented status (400/413, 401 without the token, 405 for a wrong method) and a JSON
+/// Bad requests to an agent's local API: each gets the documented status and a JSON
 /// `{"error": …}` naming the problem; nothing is sent, and the agent keeps serving.
-#[test]
-fn hostile_api_bodies_get_clear_errors() {
-    let world = World::new("adv-http", &["alice", "bob"]);
-    let max = MAX_MESSAGE.to_string();
-    let mut server = Server::start(&world, "server", &["--max-message-bytes", &max]);
-    let mut secrets = Secrets::new();
-    let hook = Webhook::start();
-    let mut alice = spawn_agent(&world, "alice", &server, None, &secrets);
-    let mut bob = spawn_agent(&world, "bob", &server, Some(&hook), &secrets);
-    // The agent reads at most max-message-bytes + 64 KiB of body.
-    let body_limit = MAX_MESSAGE + 64 * 1024;
+mod api {
+    use super::*;
 
-    // Uploads that stall (10 of 100 announced bytes, then nothing) or trickle (a byte every
-    // 300 ms): answered 408 at the 10 s body deadline. Started first so the wait overlaps
-    // with the other cases.
-    let slow: Vec<_> = [("stalled", 0u64), ("trickling", 300)]
-        .into_iter()
-        .map(|(what, every_ms)| {
-            let (addr, bearer) = (alice.addr, secrets.bearer());
-            std::thread::spawn(move || {
-                let started = Instant::now();
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(20 * SECOND)).unwrap();
-                let head = format!(
-                    "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nauthorization: {bearer}\r\ncontent-length: 100\r\n\r\n{{\"recipie"
-                );
-                s.write_all(head.as_bytes()).unwrap();
-                if every_ms > 0 {
-                    let mut r = s.try_clone().unwrap();
-                    std::thread::spawn(move || {
-                        for _ in 0..80 {
-                            std::thread::sleep(Duration::from_millis(every_ms));
-                            if r.write_all(b" ").is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-                let mut raw = Vec::new();
-                let _ = s.read_to_end(&mut raw);
-                let (status, v) = parse_response(&raw);
-                (what, status, v, started.elapsed())
-            })
-        })
-        .collect();
-
-    let marker = secrets.marker("in-a-refused-body");
-    let nested = |open: &str, close: &str, depth: usize| {
+    /// A body of `open`×`depth` and `close`×`depth` as the payload.
+    fn nested(open: &str, close: &str, depth: usize) -> Vec<u8> {
         format!(
             r#"{{"recipientId":"bob","payload":{}{}}}"#,
             open.repeat(depth),
             close.repeat(depth)
         )
-    };
-    let mut cases: Vec<(String, Vec<u8>, u16, &str)> = vec![
-        ("empty".into(), b"".to_vec(), 400, "JSON"),
-        ("not JSON".into(), b"{not json".to_vec(), 400, "JSON"),
-        (
-            "truncated".into(),
-            br#"{"recipientId":"bob","payl"#.to_vec(),
-            400,
-            "JSON",
-        ),
-        (
-            "trailing garbage".into(),
-            br#"{"recipientId":"bob","payload":1} x"#.to_vec(),
-            400,
-            "JSON",
-        ),
-        (
-            "invalid UTF-8".into(),
-            b"{\"recipientId\":\"bob\",\"payload\":\"\xff\xfe\"}".to_vec(),
-            400,
-            "JSON",
-        ),
-        ("NUL bytes".into(), vec![0u8; 64], 400, "JSON"),
-        ("null".into(), b"null".to_vec(), 400, "object"),
-        ("number".into(), b"42".to_vec(), 400, "object"),
-        ("string".into(), br#""recipientId""#.to_vec(), 400, "object"),
-        (
-            "array".into(),
-            br#"[{"recipientId":"bob","payload":1}]"#.to_vec(),
-            400,
-            "object",
-        ),
-        (
-            "100k [".into(),
-            "[".repeat(100_000).into_bytes(),
-            400,
-            "JSON",
-        ),
-        (
-            "100k {\"a\":".into(),
-            "{\"a\":".repeat(20_000).into_bytes(),
-            400,
-            "JSON",
-        ),
-        (
-            "payload 50k deep".into(),
-            nested("[", "]", 50_000).into_bytes(),
-            400,
-            "JSON",
-        ),
-        (
-            "payload 200 deep".into(),
-            nested("{\"a\":", "}", 200).into_bytes(),
-            400,
-            "JSON",
-        ),
-        (
-            "over the body limit".into(),
-            json!({"recipientId": "bob", "payload": marker.repeat(body_limit / marker.len() + 10)})
-                .to_string()
-                .into_bytes(),
-            413,
-            "bytes",
-        ),
-        (
-            "sealed size over the server's limit".into(),
-            json!({"recipientId": "bob", "payload": "x".repeat(MAX_MESSAGE + 10)})
-                .to_string()
-                .into_bytes(),
-            413,
-            "limit",
-        ),
-    ];
-    let typed: Vec<(&str, Value, &str)> = vec![
-        (
-            "recipientId number",
-            json!({"recipientId": 7, "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId null",
-            json!({"recipientId": null, "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId array",
-            json!({"recipientId": ["bob"], "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId object",
-            json!({"recipientId": {"id": "bob"}, "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId empty",
-            json!({"recipientId": "", "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId 65 chars",
-            json!({"recipientId": "b".repeat(65), "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId space",
-            json!({"recipientId": "bob smith", "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId unicode",
-            json!({"recipientId": "böb", "payload": 1}),
-            "recipientId:",
-        ),
-        (
-            "recipientId path",
-            json!({"recipientId": "../bob", "payload": 1}),
-            "recipientId:",
-        ),
-        ("recipientId missing", json!({"payload": 1}), "recipientId:"),
-        ("payload missing", json!({"recipientId": "bob"}), "payload:"),
-        (
-            "id number",
-            json!({"recipientId": "bob", "payload": 1, "id": 42}),
-            "id:",
-        ),
-        (
-            "id bool",
-            json!({"recipientId": "bob", "payload": 1, "id": true}),
-            "id:",
-        ),
-        (
-            "id not a UUID",
-            json!({"recipientId": "bob", "payload": 1, "id": "nope"}),
-            "id:",
-        ),
-        (
-            "id object",
-            json!({"recipientId": "bob", "payload": 1, "id": {}}),
-            "id:",
-        ),
-        (
-            "type number",
-            json!({"recipientId": "bob", "payload": 1, "type": 7}),
-            "type:",
-        ),
-        (
-            "type empty",
-            json!({"recipientId": "bob", "payload": 1, "type": ""}),
-            "type:",
-        ),
-        (
-            "type newline",
-            json!({"recipientId": "bob", "payload": 1, "type": "a\nb"}),
-            "type:",
-        ),
-        (
-            "timestamp number",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": 5}),
-            "timestamp:",
-        ),
-        (
-            "timestamp words",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": "yesterday"}),
-            "timestamp:",
-        ),
-        (
-            "timestamp before 1970",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": "1969-12-31T23:59:59Z"}),
-            "timestamp:",
-        ),
-        (
-            "timestamp no zone",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": "2025-01-01T00:00:00"}),
-            "timestamp:",
-        ),
-        (
-            "timestamp array",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": []}),
-            "timestamp:",
-        ),
-        (
-            "timestamp month 13",
-            json!({"recipientId": "bob", "payload": 1, "timestamp": "2025-13-01T00:00:00Z"}),
-            "timestamp:",
-        ),
-    ];
-    for (name, body, field) in typed {
-        cases.push((name.into(), body.to_string().into_bytes(), 400, field));
+        .into_bytes()
     }
-    // Duplicate keys: the last one counts, and it is wrong.
-    cases.push((
-        "duplicate key".into(),
-        br#"{"recipientId":"bob","payload":1,"recipientId":7}"#.to_vec(),
-        400,
-        "recipientId",
-    ));
 
-    let auth = [("authorization", secrets.bearer())];
-    let mut failures = Vec::new();
-    let started = Instant::now();
-    for (name, body, want_status, want_word) in &cases {
-        let (status, v) = raw_post(alice.addr, "/v1/messages", &auth, body);
-        let error = v["error"].as_str().unwrap_or_default();
-        if status != *want_status || error.is_empty() || !error.contains(want_word) {
+    /// Bodies that are not JSON, not an object, or nested far too deep: 400 naming it.
+    #[test]
+    fn malformed_json_gets_400() {
+        let mut r = Relay::for_api("adv-http-json");
+        let cases: Vec<Post> = vec![
+            ("empty".into(), b"".to_vec(), 400, "JSON"),
+            ("not JSON".into(), b"{not json".to_vec(), 400, "JSON"),
+            (
+                "truncated".into(),
+                br#"{"recipientId":"bob","payl"#.to_vec(),
+                400,
+                "JSON",
+            ),
+            (
+                "trailing garbage".into(),
+                br#"{"recipientId":"bob","payload":1} x"#.to_vec(),
+                400,
+                "JSON",
+            ),
+            (
+                "invalid UTF-8".into(),
+                b"{\"recipientId\":\"bob\",\"payload\":\"\xff\xfe\"}".to_vec(),
+                400,
+                "JSON",
+            ),
+            ("NUL bytes".into(), vec![0u8; 64], 400, "JSON"),
+            ("null".into(), b"null".to_vec(), 400, "object"),
+            ("number".into(), b"42".to_vec(), 400, "object"),
+            ("string".into(), br#""recipientId""#.to_vec(), 400, "object"),
+            (
+                "array".into(),
+                br#"[{"recipientId":"bob","payload":1}]"#.to_vec(),
+                400,
+                "object",
+            ),
+            (
+                "100k [".into(),
+                "[".repeat(100_000).into_bytes(),
+                400,
+                "JSON",
+            ),
+            (
+                "100k {\"a\":".into(),
+                "{\"a\":".repeat(20_000).into_bytes(),
+                400,
+                "JSON",
+            ),
+            (
+                "payload 50k deep".into(),
+                nested("[", "]", 50_000),
+                400,
+                "JSON",
+            ),
+            (
+                "payload 200 deep".into(),
+                nested("{\"a\":", "}", 200),
+                400,
+                "JSON",
+            ),
+        ];
+        let started = Instant::now();
+        assert_no_failures(&refused_posts(&r, &cases), started);
+        r.still_relays_having_sent_nothing();
+    }
+
+    /// Bodies over the agent's read limit, over the server's message limit once sealed,
+    /// and announced as 10 GB (refused at once, without waiting for it): 413.
+    #[test]
+    fn oversized_bodies_get_413() {
+        let mut r = Relay::for_api("adv-http-size");
+        let marker = r.secrets.marker("in-a-refused-body");
+        let cases: Vec<Post> = vec![
+            (
+                "over the body limit".into(),
+                json!({"recipientId": "bob", "payload": marker.repeat(BODY_LIMIT / marker.len() + 10)})
+                    .to_string()
+                    .into_bytes(),
+                413,
+                "bytes",
+            ),
+            (
+                "sealed size over the server's limit".into(),
+                json!({"recipientId": "bob", "payload": "x".repeat(MAX_MESSAGE + 10)})
+                    .to_string()
+                    .into_bytes(),
+                413,
+                "limit",
+            ),
+        ];
+        let started = Instant::now();
+        let mut failures = refused_posts(&r, &cases);
+        let t = Instant::now();
+        let (status, v) = raw_post(
+            r.alice.addr,
+            "/v1/messages",
+            &[
+                ("authorization", r.secrets.bearer()),
+                ("content-length", "10000000000".into()),
+            ],
+            br#"{"recipientId":"bob","#,
+        );
+        tried(
+            "content-length 10 GB",
+            format!("{status} {v} after {:?}", t.elapsed()),
+        );
+        if status != 413
+            || v["error"].as_str().unwrap_or_default().is_empty()
+            || t.elapsed() > 5 * SECOND
+        {
             failures.push(format!(
-                "{name}: want {want_status} naming {want_word:?}, got {status} {v}"
+                "content-length 10 GB: want a prompt 413, got {status} {v} after {:?}",
+                t.elapsed()
             ));
         }
+        assert_no_failures(&failures, started);
+        r.still_relays_having_sent_nothing();
     }
-    // A body announced as 10 GB: refused as too large, without waiting for it.
-    let t = Instant::now();
-    let (status, v) = raw_post(
-        alice.addr,
-        "/v1/messages",
-        &[
-            ("authorization", secrets.bearer()),
-            ("content-length", "10000000000".into()),
-        ],
-        br#"{"recipientId":"bob","#,
-    );
-    if status != 413
-        || v["error"].as_str().unwrap_or_default().is_empty()
-        || t.elapsed() > 5 * SECOND
-    {
-        failures.push(format!(
-            "content-length 10 GB: want a prompt 413, got {status} {v} after {:?}",
-            t.elapsed()
+
+    /// Well-formed JSON with a field of the wrong type or shape: 400 naming the field.
+    #[test]
+    fn wrongly_typed_fields_get_400_naming_the_field() {
+        let mut r = Relay::for_api("adv-http-typed");
+        let typed: Vec<(&str, Value, &'static str)> = vec![
+            (
+                "recipientId number",
+                json!({"recipientId": 7, "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId null",
+                json!({"recipientId": null, "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId array",
+                json!({"recipientId": ["bob"], "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId object",
+                json!({"recipientId": {"id": "bob"}, "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId empty",
+                json!({"recipientId": "", "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId 65 chars",
+                json!({"recipientId": "b".repeat(65), "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId space",
+                json!({"recipientId": "bob smith", "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId unicode",
+                json!({"recipientId": "böb", "payload": 1}),
+                "recipientId:",
+            ),
+            (
+                "recipientId path",
+                json!({"recipientId": "../bob", "payload": 1}),
+                "recipientId:",
+            ),
+            ("recipientId missing", json!({"payload": 1}), "recipientId:"),
+            ("payload missing", json!({"recipientId": "bob"}), "payload:"),
+            (
+                "id number",
+                json!({"recipientId": "bob", "payload": 1, "id": 42}),
+                "id:",
+            ),
+            (
+                "id bool",
+                json!({"recipientId": "bob", "payload": 1, "id": true}),
+                "id:",
+            ),
+            (
+                "id not a UUID",
+                json!({"recipientId": "bob", "payload": 1, "id": "nope"}),
+                "id:",
+            ),
+            (
+                "id object",
+                json!({"recipientId": "bob", "payload": 1, "id": {}}),
+                "id:",
+            ),
+            (
+                "type number",
+                json!({"recipientId": "bob", "payload": 1, "type": 7}),
+                "type:",
+            ),
+            (
+                "type empty",
+                json!({"recipientId": "bob", "payload": 1, "type": ""}),
+                "type:",
+            ),
+            (
+                "type newline",
+                json!({"recipientId": "bob", "payload": 1, "type": "a\nb"}),
+                "type:",
+            ),
+            (
+                "timestamp number",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": 5}),
+                "timestamp:",
+            ),
+            (
+                "timestamp words",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": "yesterday"}),
+                "timestamp:",
+            ),
+            (
+                "timestamp before 1970",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": "1969-12-31T23:59:59Z"}),
+                "timestamp:",
+            ),
+            (
+                "timestamp no zone",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": "2025-01-01T00:00:00"}),
+                "timestamp:",
+            ),
+            (
+                "timestamp array",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": []}),
+                "timestamp:",
+            ),
+            (
+                "timestamp month 13",
+                json!({"recipientId": "bob", "payload": 1, "timestamp": "2025-13-01T00:00:00Z"}),
+                "timestamp:",
+            ),
+        ];
+        let mut cases: Vec<Post> = typed
+            .into_iter()
+            .map(|(name, body, field)| (name.into(), body.to_string().into_bytes(), 400, field))
+            .collect();
+        // Duplicate keys: the last one counts, and it is wrong.
+        cases.push((
+            "duplicate key".into(),
+            br#"{"recipientId":"bob","payload":1,"recipientId":7}"#.to_vec(),
+            400,
+            "recipientId",
         ));
+        let started = Instant::now();
+        assert_no_failures(&refused_posts(&r, &cases), started);
+        r.still_relays_having_sent_nothing();
     }
-    // No token, a wrong one, a wrong method: 401, 401, 405, each a JSON error.
-    let good = br#"{"recipientId":"bob","payload":{"q":1}}"#;
-    for (name, headers, want) in [
-        ("no token", vec![], 401),
-        (
-            "wrong token",
-            vec![("authorization", "Bearer nope".to_owned())],
-            401,
-        ),
-        (
-            "token with a suffix",
-            vec![("authorization", format!("{}x", secrets.bearer()))],
-            401,
-        ),
-    ] {
-        let (status, v) = raw_post(alice.addr, "/v1/messages", &headers, good);
-        if status != want || v["error"].as_str().unwrap_or_default().is_empty() {
-            failures.push(format!("{name}: want {want}, got {status} {v}"));
+
+    /// No token, a wrong one, the token with a suffix, and PUT without a token: 401, each
+    /// with a JSON error.
+    #[test]
+    fn a_missing_or_wrong_token_gets_401() {
+        let mut r = Relay::for_api("adv-http-token");
+        let good = br#"{"recipientId":"bob","payload":{"q":1}}"#;
+        let started = Instant::now();
+        let mut failures = Vec::new();
+        for (name, headers) in [
+            ("no token", vec![]),
+            (
+                "wrong token",
+                vec![("authorization", "Bearer nope".to_owned())],
+            ),
+            (
+                "token with a suffix",
+                vec![("authorization", format!("{}x", r.secrets.bearer()))],
+            ),
+        ] {
+            let (status, v) = raw_post(r.alice.addr, "/v1/messages", &headers, good);
+            tried(name, format!("{status} {v}"));
+            if status != 401 || v["error"].as_str().unwrap_or_default().is_empty() {
+                failures.push(format!("{name}: want 401, got {status} {v}"));
+            }
         }
+        let put = support::http_call("PUT", r.alice.addr, "/v1/messages", Some("{}"), &[]);
+        tried("PUT without a token", format!("{put:?}"));
+        if put.as_ref().map(|r| r.0) != Some(401) {
+            failures.push(format!("PUT without a token: want 401, got {put:?}"));
+        }
+        assert_no_failures(&failures, started);
+        r.still_relays_having_sent_nothing();
     }
-    let r = support::http_call("PUT", alice.addr, "/v1/messages", Some("{}"), &[]);
-    if r.as_ref().map(|r| r.0) != Some(401) {
-        failures.push(format!("PUT without a token: want 401, got {r:?}"));
+
+    /// A method the path does not take, with the token: 405.
+    #[test]
+    fn a_wrong_method_gets_405() {
+        let mut r = Relay::for_api("adv-http-method");
+        let bearer = r.secrets.bearer();
+        let put = support::http_call(
+            "PUT",
+            r.alice.addr,
+            "/v1/messages",
+            Some("{}"),
+            &[("authorization", bearer.as_str())],
+        );
+        tried("PUT with the token", format!("{put:?}"));
+        assert_eq!(
+            put.as_ref().map(|r| r.0),
+            Some(405),
+            "PUT with the token: want 405, got {put:?}"
+        );
+        r.still_relays_having_sent_nothing();
     }
-    let bearer = secrets.bearer();
-    let r = support::http_call(
-        "PUT",
-        alice.addr,
-        "/v1/messages",
-        Some("{}"),
-        &[("authorization", bearer.as_str())],
-    );
-    if r.as_ref().map(|r| r.0) != Some(405) {
-        failures.push(format!("PUT with the token: want 405, got {r:?}"));
-    }
-    // A 1 MiB header: hyper refuses it (431) or drops the connection; the agent goes on.
-    let (status, _) = raw_post(
-        alice.addr,
-        "/v1/messages",
-        &[("x-junk", "j".repeat(1 << 20))],
-        good,
-    );
-    if !(status == 431 || status == 0) {
-        failures.push(format!(
+
+    /// A 1 MiB header: hyper refuses it (431) or drops the connection; the agent goes on.
+    #[test]
+    fn a_huge_header_is_refused() {
+        let mut r = Relay::for_api("adv-http-header");
+        let good = br#"{"recipientId":"bob","payload":{"q":1}}"#;
+        let (status, v) = raw_post(
+            r.alice.addr,
+            "/v1/messages",
+            &[("x-junk", "j".repeat(1 << 20))],
+            good,
+        );
+        tried("a 1 MiB header", format!("{status} {v}"));
+        assert!(
+            status == 431 || status == 0,
             "1 MiB header: want 431 or a dropped connection, got {status}"
-        ));
+        );
+        r.still_relays_having_sent_nothing();
     }
-    for t in slow {
-        let (what, status, v, took) = t.join().unwrap();
-        let error = v["error"].as_str().unwrap_or_default();
-        if status != 408 || !error.contains("body") || !(9 * SECOND..15 * SECOND).contains(&took) {
-            failures.push(format!(
-                "{what} upload: want 408 naming the body after 10 s, got {status} {v} after {took:?}"
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(
-        started.elapsed() < 20 * SECOND,
-        "the refusals took {:?}",
-        started.elapsed()
-    );
-
-    // Nothing was sealed or sent for any of them.
-    assert_eq!(alice.metric("dmr_agent_sent_total"), 0.0);
-    assert_eq!(server.metric("dmr_server_frames_in_total"), 0.0);
-    assert_eq!(http_get(alice.addr, "/healthz").map(|r| r.0), Some(200));
-    still_relays(&mut server, &mut alice, &mut bob, &hook, &mut secrets);
-    assert_eq!(alice.metric("dmr_agent_sent_total"), 1.0);
-    assert_no_secrets(&world, &[&server.proc, &alice.proc, &bob.proc], &secrets);
 }
 
-// 4. A damaged key file ----------------------------------------------------------------------
+// 5. A damaged key file ----------------------------------------------------------------------
 
 /// A key file with a blank line before END used to make `dmr-agent` print the whole private
 /// key in its startup error (the PEM parser quoted the line it choked on; see
