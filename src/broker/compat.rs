@@ -45,3 +45,20 @@ pub(super) async fn detached<T: Send + 'static>(
     })
     .await
 }
+
+/// Closes an amqprs channel or connection (`closing`) on a task of its own, waiting at most
+/// `limit`. A failure is only logged, naming `what`: the peer is gone or going either way.
+pub(super) async fn close_detached(
+    what: &str,
+    limit: Duration,
+    closing: impl Future<Output = Result<(), amqprs::error::Error>> + Send + 'static,
+) {
+    let closing = async move {
+        closing
+            .await
+            .map_err(|e| BrokerError::Closed(e.to_string()))
+    };
+    if let Err(e) = detached(limit, closing).await {
+        log::debug!("closing {what}: {e}");
+    }
+}

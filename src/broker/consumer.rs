@@ -14,7 +14,7 @@ use async_compat::Compat;
 use async_trait::async_trait;
 
 use super::channel::{ChannelWatch, CloseReason};
-use super::compat::detached;
+use super::compat::close_detached;
 use super::BrokerError;
 
 /// How long closing a consumer's channel may take before it is simply dropped.
@@ -128,15 +128,8 @@ impl Consumer {
     /// consumer alone does not return them on RabbitMQ 3.10).
     pub async fn close(self) {
         let channel = self.channel.into_inner();
-        let closing = async move {
-            channel
-                .close()
-                .await
-                .map_err(|e| BrokerError::Closed(e.to_string()))
-        };
-        if let Err(e) = detached(CLOSE_TIMEOUT, closing).await {
-            log::debug!("closing the consumer channel of {}: {e}", self.queue);
-        }
+        let what = format!("the consumer channel of {}", self.queue);
+        close_detached(&what, CLOSE_TIMEOUT, channel.close()).await;
     }
 
     /// The broker connection generation this consumer belongs to (see `Broker::generation`).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future;
 
-use super::compat::within;
+use super::compat::close_detached;
 use super::connect::{connect, ConnectionWatch, Kicked, Live};
 use super::{BrokerError, Shared};
 use crate::wait::Backoff;
@@ -174,13 +174,6 @@ async fn pause(shared: &Shared, delay: Duration) {
 
 async fn close_connection(live: &Live) {
     let connection = live.connection.get_ref().clone();
-    let closing = async {
-        connection
-            .close()
-            .await
-            .map_err(|e| BrokerError::Closed(e.to_string()))
-    };
-    if let Err(e) = within(CLOSE_TIMEOUT, closing).await {
-        log::debug!("closing the connection to {}: {e}", live.node);
-    }
+    let what = format!("the connection to {}", live.node);
+    close_detached(&what, CLOSE_TIMEOUT, connection.close()).await;
 }
