@@ -1,20 +1,21 @@
 //! Consuming one agent's queue on a dedicated channel, with manual acks.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicNackArguments, BasicQosArguments, Channel,
 };
 use amqprs::connection::Connection;
 use amqprs::consumer::AsyncConsumer;
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Deliver, FieldValue, Nack, Return};
+use amqprs::{BasicProperties, Deliver, FieldValue};
 use async_compat::Compat;
 use async_trait::async_trait;
 
-use super::{detached, BrokerError, CloseSlot};
+use super::channel::{ChannelWatch, CloseReason};
+use super::compat::close_detached;
+use super::BrokerError;
 
 /// How long closing a consumer's channel may take before it is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,7 +49,7 @@ pub struct Consumer {
     deliveries: async_channel::Receiver<Delivery>,
     queue: String,
     generation: u64,
-    closed: CloseSlot,
+    closed: CloseReason,
 }
 
 impl Consumer {
@@ -61,11 +62,8 @@ impl Consumer {
         generation: u64,
         closed_channels: Arc<AtomicU32>,
     ) -> Result<Self, BrokerError> {
-        let closed = CloseSlot::default();
-        let fail = |e: amqprs::error::Error, closed: &CloseSlot| match closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let fail = |e: amqprs::error::Error, closed: Option<&CloseReason>| match closed
+            .and_then(CloseReason::get)
         {
             Some((404, _)) => BrokerError::NoQueue(queue.clone()),
             Some((code, text)) => {
@@ -76,12 +74,8 @@ impl Consumer {
         let channel = connection
             .open_channel(None)
             .await
-            .map_err(|e| fail(e, &closed))?;
-        let watch = ConsumerWatch {
-            queue: queue.clone(),
-            closed: closed.clone(),
-            closed_channels,
-        };
+            .map_err(|e| fail(e, None))?;
+        let (watch, closed) = ChannelWatch::new(closed_channels, Some(queue.clone()));
         let (tx, deliveries) = async_channel::unbounded();
         let setup = async {
             channel.register_callback(watch).await?;
@@ -93,7 +87,7 @@ impl Consumer {
                 .finish();
             channel.basic_consume(Forwarder { tx }, args).await
         };
-        setup.await.map_err(|e| fail(e, &closed))?;
+        setup.await.map_err(|e| fail(e, Some(&closed)))?;
         let channel = Compat::new(channel);
         Ok(Self {
             channel,
@@ -134,20 +128,8 @@ impl Consumer {
     /// consumer alone does not return them on RabbitMQ 3.10).
     pub async fn close(self) {
         let channel = self.channel.into_inner();
-        let closing = async move {
-            channel
-                .close()
-                .await
-                .map_err(|e| BrokerError::Closed(e.to_string()))
-        };
-        if let Err(e) = detached(CLOSE_TIMEOUT, closing).await {
-            log::debug!("closing the consumer channel of {}: {e}", self.queue);
-        }
-    }
-
-    /// The queue this consumer reads.
-    pub fn queue(&self) -> &str {
-        &self.queue
+        let what = format!("the consumer channel of {}", self.queue);
+        close_detached(&what, CLOSE_TIMEOUT, channel.close()).await;
     }
 
     /// The broker connection generation this consumer belongs to (see `Broker::generation`).
@@ -164,12 +146,7 @@ impl Consumer {
     }
 
     fn lost(&self, e: impl std::fmt::Display) -> BrokerError {
-        let reason = self
-            .closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let reason = match reason {
+        let reason = match self.closed.get() {
             Some((code, text)) => format!("{code} {text}"),
             None => e.to_string(),
         };
@@ -228,65 +205,5 @@ fn as_count(v: &FieldValue) -> Option<u64> {
         FieldValue::l(n) => u64::try_from(n).ok(),
         FieldValue::T(n) => Some(n),
         _ => None,
-    }
-}
-
-/// Records why RabbitMQ closed a consumer channel, and logs cancellations.
-struct ConsumerWatch {
-    queue: String,
-    closed: CloseSlot,
-    closed_channels: Arc<AtomicU32>,
-}
-
-#[async_trait]
-impl ChannelCallback for ConsumerWatch {
-    async fn close(
-        &mut self,
-        _channel: &Channel,
-        close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
-        log::warn!(
-            "RabbitMQ closed the consumer channel of {}: {} {}",
-            self.queue,
-            close.reply_code(),
-            close.reply_text()
-        );
-        self.closed_channels.fetch_add(1, Ordering::Relaxed);
-        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((close.reply_code(), close.reply_text().clone()));
-        Ok(())
-    }
-
-    async fn cancel(
-        &mut self,
-        _channel: &Channel,
-        _cancel: Cancel,
-    ) -> Result<(), amqprs::error::Error> {
-        log::warn!(
-            "RabbitMQ cancelled the consumer of {} (queue deleted or moved); it ends now",
-            self.queue
-        );
-        Ok(())
-    }
-
-    async fn flow(
-        &mut self,
-        _channel: &Channel,
-        active: bool,
-    ) -> Result<bool, amqprs::error::Error> {
-        Ok(active)
-    }
-
-    async fn publish_ack(&mut self, _channel: &Channel, _ack: Ack) {}
-
-    async fn publish_nack(&mut self, _channel: &Channel, _nack: Nack) {}
-
-    async fn publish_return(
-        &mut self,
-        _channel: &Channel,
-        _ret: Return,
-        _properties: BasicProperties,
-        _content: Vec<u8>,
-    ) {
     }
 }

@@ -16,8 +16,10 @@ use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue,
 use async_compat::Compat;
 use async_trait::async_trait;
 
+use super::compat::within;
 use super::BrokerError;
 use crate::protocol::Header;
+use crate::sync::lock;
 
 /// The outcome a waiting publish receives.
 type Outcome = Result<(), BrokerError>;
@@ -35,6 +37,17 @@ struct ConfirmState {
     /// Why the channel can take no more publishes, once it cannot.
     closed: Option<String>,
     pending: BTreeMap<u64, Pending>,
+    /// Dropped (which wakes their receivers) once nothing is pending.
+    settled_waiters: Vec<async_channel::Sender<()>>,
+}
+
+impl ConfirmState {
+    /// Wakes [`Confirms::settled`] waiters if nothing is pending any more.
+    fn wake_if_settled(&mut self) {
+        if self.pending.is_empty() {
+            self.settled_waiters.clear();
+        }
+    }
 }
 
 /// Publishes waiting for their confirm, by delivery tag.
@@ -45,9 +58,7 @@ pub(super) struct Confirms {
 
 impl Confirms {
     fn lock(&self) -> MutexGuard<'_, ConfirmState> {
-        // A panic while holding this lock cannot leave the map half-updated in a way that
-        // matters more than refusing service, so a poisoned lock is simply reused.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn register(
@@ -74,23 +85,28 @@ impl Confirms {
     }
 
     fn forget(&self, tag: u64) {
-        self.lock().pending.remove(&tag);
+        let mut state = self.lock();
+        state.pending.remove(&tag);
+        state.wake_if_settled();
     }
 
     /// Removes and returns the publishes a confirm for `tag` settles.
-    fn take(state: &mut ConfirmState, tag: u64, multiple: bool) -> Vec<Pending> {
-        if multiple {
+    fn take(&self, tag: u64, multiple: bool) -> Vec<Pending> {
+        let mut state = self.lock();
+        let settled = if multiple {
             let rest = state.pending.split_off(&(tag.saturating_add(1)));
             std::mem::replace(&mut state.pending, rest)
                 .into_values()
                 .collect()
         } else {
             state.pending.remove(&tag).into_iter().collect()
-        }
+        };
+        state.wake_if_settled();
+        settled
     }
 
     fn ack(&self, tag: u64, multiple: bool) {
-        let settled = Self::take(&mut self.lock(), tag, multiple);
+        let settled = self.take(tag, multiple);
         for p in settled {
             let outcome = match p.returned {
                 Some(reason) => Err(BrokerError::Refused(reason)),
@@ -101,7 +117,7 @@ impl Confirms {
     }
 
     fn nack(&self, tag: u64, multiple: bool) {
-        let settled = Self::take(&mut self.lock(), tag, multiple);
+        let settled = self.take(tag, multiple);
         for p in settled {
             let reason = p.returned.unwrap_or_else(|| {
                 format!(
@@ -136,7 +152,9 @@ impl Confirms {
             if state.closed.is_none() {
                 state.closed = Some(reason.to_owned());
             }
-            std::mem::take(&mut state.pending)
+            let pending = std::mem::take(&mut state.pending);
+            state.wake_if_settled();
+            pending
         };
         for p in settled.into_values() {
             let _ = p.done.try_send(Err(BrokerError::Closed(format!(
@@ -146,8 +164,24 @@ impl Confirms {
         }
     }
 
-    pub(super) fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.lock().pending.len()
+    }
+
+    /// Resolves once no publish waits for its confirm.
+    pub(super) async fn settled(&self) {
+        let waiter = {
+            let mut state = self.lock();
+            if state.pending.is_empty() {
+                return;
+            }
+            let (tx, rx) = async_channel::bounded::<()>(1);
+            state.settled_waiters.push(tx);
+            rx
+        };
+        // Nothing is ever sent: recv() fails when the sender is dropped.
+        let _ = waiter.recv().await;
     }
 }
 
@@ -244,11 +278,7 @@ impl Publisher {
                 )))
             })
         };
-        let expired = async {
-            async_io::Timer::after(timeout).await;
-            Err(BrokerError::Timeout)
-        };
-        let result = futures_lite::future::or(confirmed, expired).await;
+        let result = within(timeout, confirmed).await;
         if matches!(result, Err(BrokerError::Timeout)) {
             self.confirms.forget(tag);
         }
@@ -364,5 +394,23 @@ mod tests {
             c.register(2, "b".into(), "x".into()),
             Err(BrokerError::Closed(_))
         ));
+    }
+
+    #[test]
+    fn settled_waits_for_the_last_confirm() {
+        let c = Confirms::default();
+        smol::block_on(c.settled());
+        let _r1 = c.register(1, "a".into(), "x".into()).unwrap();
+        let _r2 = c.register(2, "b".into(), "x".into()).unwrap();
+        let mut settled = Box::pin(c.settled());
+        assert!(
+            futures_lite::future::block_on(futures_lite::future::poll_once(&mut settled)).is_none()
+        );
+        c.ack(1, false);
+        assert!(
+            futures_lite::future::block_on(futures_lite::future::poll_once(&mut settled)).is_none()
+        );
+        c.nack(2, false);
+        smol::block_on(settled);
     }
 }
