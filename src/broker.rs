@@ -54,6 +54,10 @@ use url::NodeUrl;
 pub(crate) const HEADER_SENDER: &str = "dmr-sender";
 /// AMQP header naming the recipient agent of a published envelope.
 pub(crate) const HEADER_RECIPIENT: &str = "dmr-recipient";
+/// AMQP header carrying why DMR dead-lettered a message itself (see [`Broker::dead_letter`]).
+pub const HEADER_REASON: &str = "x-dmr-reason";
+/// Longest reason kept in [`HEADER_REASON`]; reasons are one-line summaries, not logs.
+const MAX_REASON_CHARS: usize = 300;
 /// AMQP `content_type` of published envelopes.
 pub(crate) const CONTENT_TYPE: &str = "application/x-dmr-envelope";
 
@@ -73,6 +77,7 @@ struct Shared {
     nodes: Vec<NodeUrl>,
     topology: Topology,
     exchange: String,
+    dlx: String,
     connection_name: String,
     state: Mutex<State>,
     generation: AtomicU64,
@@ -154,6 +159,7 @@ impl Broker {
         let shared = Arc::new(Shared {
             nodes,
             exchange: topology.exchange(),
+            dlx: topology.dlx(),
             topology,
             connection_name: connection_name.to_owned(),
             state: Mutex::new(State {
@@ -262,6 +268,34 @@ impl Broker {
             live.publisher
                 .publish(&self.shared.exchange, header, body, CONFIRM_TIMEOUT),
         )
+        .await
+    }
+
+    /// Moves `delivery` to the dead-letter exchange with `reason` in its `x-dmr-reason`
+    /// header, and returns once RabbitMQ confirmed the copy. The caller then acks the
+    /// original; if this fails, the original must stay unacked (nack it) so nothing is lost.
+    ///
+    /// A plain `basic.nack` cannot carry a reason, and RabbitMQ's own dead-lettering only
+    /// happens past the delivery limit; a message that can never be delivered (unopenable,
+    /// stale, refused for good by the local service) should not spend that limit first.
+    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        let live = self.shared.live().ok_or(BrokerError::NotConnected)?;
+        let mut properties = delivery.properties.clone();
+        let mut headers = properties.headers().cloned().unwrap_or_default();
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+        if let Ok(key) = HEADER_REASON.try_into() {
+            headers.insert(key, amqprs::FieldValue::from(reason.as_str()));
+        }
+        properties.with_headers(headers);
+        let message_id = delivery.message_id.clone().unwrap_or_default();
+        Compat::new(live.publisher.send(
+            &self.shared.dlx,
+            &delivery.routing_key,
+            &message_id,
+            properties,
+            delivery.body.clone(),
+            CONFIRM_TIMEOUT,
+        ))
         .await
     }
 

@@ -37,6 +37,11 @@ pub struct Delivery {
     pub sender: Option<String>,
     /// The `dmr-recipient` header (the recipient agent's id), if present.
     pub recipient: Option<String>,
+    /// The message's AMQP properties as published, kept so that dead-lettering it with a
+    /// reason ([`super::Broker::dead_letter`]) republishes the same message.
+    pub(super) properties: BasicProperties,
+    /// The routing key it was published with (the recipient's id).
+    pub(super) routing_key: String,
 }
 
 /// A live subscription to one agent's queue.
@@ -187,6 +192,8 @@ impl AsyncConsumer for Forwarder {
             message_id: properties.message_id().cloned(),
             sender: text(super::HEADER_SENDER),
             recipient: text(super::HEADER_RECIPIENT),
+            routing_key: deliver.routing_key().clone(),
+            properties,
         };
         // Unbounded, but bounded in practice by the consumer's prefetch. If the Consumer is
         // gone, the message stays unacked and returns to the queue with the channel.

@@ -245,16 +245,31 @@ impl Publisher {
             .with_timestamp(header.created_at_ms / 1000)
             .with_headers(headers)
             .finish();
-        let args = BasicPublishArguments::new(exchange, header.recipient.as_str())
+        let recipient = header.recipient.as_str();
+        self.send(exchange, recipient, &message_id, properties, body, timeout)
+            .await
+    }
+
+    /// Publishes `body` with `properties` as they are (mandatory, persistent as given) and
+    /// waits for the confirm. Runs inside `Compat`.
+    pub(super) async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: &str,
+        properties: BasicProperties,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let args = BasicPublishArguments::new(exchange, routing_key)
             .mandatory(true)
             .finish();
-
         let (tag, outcome) = {
             let mut next_tag = self.next_tag.lock().await;
             let tag = *next_tag;
             let outcome =
                 self.confirms
-                    .register(tag, message_id.clone(), header.recipient.to_string())?;
+                    .register(tag, message_id.to_owned(), routing_key.to_owned())?;
             if let Err(e) = self
                 .channel
                 .get_ref()
