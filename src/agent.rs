@@ -4,16 +4,19 @@
 //! to one of the servers (failing over between them), seals outgoing messages to the
 //! recipient's key and opens incoming ones in the [`inbox`], which delivers them to the
 //! local service's webhook exactly once per message id thanks to the [`replay`] guard.
+//! Sends waiting for the server's answer live in the [`outbox`]; the JSON bodies of both
+//! edges are in [`bodies`].
 
 mod api;
+mod bodies;
 mod inbox;
 mod link;
+mod outbox;
 mod replay;
 
 /// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
-pub use api::SendRequest;
+pub use bodies::{SendRequest, SendRequestError};
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,8 +28,12 @@ use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, Keygen
 use crate::crypto::SecretKey;
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
-use crate::protocol::{AgentId, ClientFrame, Envelope, Limits, MessageId, RejectCode};
+use crate::protocol::{AgentId, ClientFrame, Limits};
 use crate::signals::{self, Signal};
+use crate::sync::{lock, read};
+
+/// The largest message assumed until the server's `Welcome` tells its real limit.
+const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
@@ -91,19 +98,6 @@ impl AgentConfig {
     }
 }
 
-/// What a send ended with, as the server said it.
-#[derive(Clone, Debug)]
-enum Outcome {
-    Accepted,
-    Rejected(RejectCode, String),
-}
-
-/// An outgoing message waiting for the server's answer; re-sent after a reconnect.
-struct Pending {
-    envelope: Envelope,
-    reply: async_channel::Sender<Outcome>,
-}
-
 /// The current server connection: its number and its outgoing frame queue.
 #[derive(Clone)]
 struct Link {
@@ -112,13 +106,13 @@ struct Link {
 }
 
 /// State shared by the API, the link and the inbox.
-pub(crate) struct Agent {
+struct Agent {
     config: AgentConfig,
     key: SecretKey,
     directory: RwLock<Arc<Directory>>,
     limits: RwLock<Option<Limits>>,
     link: Mutex<Option<Link>>,
-    pending: Mutex<HashMap<MessageId, Pending>>,
+    outbox: outbox::Outbox,
     replay: Mutex<replay::Guard>,
     deliveries: Semaphore,
     metrics: AgentMetrics,
@@ -129,15 +123,21 @@ pub(crate) struct Agent {
 
 impl Agent {
     fn directory(&self) -> Arc<Directory> {
-        self.directory.read().expect("directory lock").clone()
+        read(&self.directory).clone()
     }
 
     fn limits(&self) -> Option<Limits> {
-        *self.limits.read().expect("limits lock")
+        *read(&self.limits)
+    }
+
+    /// The largest message the server takes (a default until it said).
+    fn max_message_bytes(&self) -> usize {
+        self.limits()
+            .map_or(DEFAULT_MAX_MESSAGE, |l| l.max_message_bytes as usize)
     }
 
     fn link(&self) -> Option<Link> {
-        self.link.lock().expect("link lock").clone()
+        lock(&self.link).clone()
     }
 }
 
@@ -180,7 +180,7 @@ impl Agent {
             directory: RwLock::default(),
             limits: RwLock::default(),
             link: Mutex::default(),
-            pending: Mutex::default(),
+            outbox: outbox::Outbox::default(),
             metrics: AgentMetrics::default(),
             webhook: crate::http::Client::new(tls.clone()),
             tls,

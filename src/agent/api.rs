@@ -9,18 +9,13 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-use uuid::Uuid;
 
-use super::inbox::now_ms;
-use super::{Agent, Outcome, Pending};
+use super::bodies::{now_ms, SendRequest};
+use super::outbox::Outcome;
+use super::{Agent, Link};
 use crate::crypto;
 use crate::http::{self, Body};
-use crate::protocol::{AgentId, ClientFrame, Envelope, Header, Kind, MessageId, RejectCode};
-
-/// Largest request body read before the server's own limit is known.
-const DEFAULT_MAX_BODY: usize = 1 << 20;
+use crate::protocol::{ClientFrame, Envelope, Header, MessageId, RejectCode};
 /// Time a client has to send the whole request body once its headers arrived (hyper gives
 /// the headers the same 10 s), so a stalled upload cannot hold a connection forever.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,83 +94,14 @@ fn health(agent: &Agent) -> Response<Body> {
             "id": agent.config.id,
             "connected": connected,
             "agents": agent.directory().len(),
-            "pending": agent.pending.lock().expect("pending lock").len(),
+            "pending": agent.outbox.len(),
         }),
     )
 }
 
-/// A validated `POST /v1/messages` body.
-#[derive(Debug)]
-pub struct SendRequest {
-    pub id: MessageId,
-    pub recipient: AgentId,
-    pub kind: Kind,
-    pub created_at_ms: u64,
-    pub payload: Value,
-}
-
-impl SendRequest {
-    /// Parses and checks a request body; the error names the field at fault.
-    pub fn parse(body: &[u8], now_ms: u64) -> Result<Self, String> {
-        let v: Value =
-            serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-        let Value::Object(mut o) = v else {
-            return Err("body must be a JSON object".into());
-        };
-        let id = match o.remove("id") {
-            None | Some(Value::Null) => MessageId::random(),
-            Some(Value::String(s)) => {
-                MessageId(Uuid::parse_str(&s).map_err(|e| format!("id: not a UUID: {e}"))?)
-            }
-            Some(_) => return Err("id: must be a UUID string".into()),
-        };
-        let recipient = match o.remove("recipientId") {
-            Some(Value::String(s)) => AgentId::new(s).map_err(|e| format!("recipientId: {e}"))?,
-            Some(_) => return Err("recipientId: must be a string".into()),
-            None => return Err("recipientId: required".into()),
-        };
-        let kind = match o.remove("type") {
-            None | Some(Value::Null) => Kind::chat_message(),
-            Some(Value::String(s)) => Kind::new(s).map_err(|e| format!("type: {e}"))?,
-            Some(_) => return Err("type: must be a string".into()),
-        };
-        let created_at_ms = match o.remove("timestamp") {
-            None | Some(Value::Null) => now_ms,
-            Some(Value::String(s)) => parse_timestamp(&s)?,
-            Some(_) => return Err("timestamp: must be an ISO-8601 string".into()),
-        };
-        let payload = o
-            .remove("payload")
-            .ok_or("payload: required (any JSON value)")?;
-        Ok(Self {
-            id,
-            recipient,
-            kind,
-            created_at_ms,
-            payload,
-        })
-    }
-}
-
-fn parse_timestamp(s: &str) -> Result<u64, String> {
-    let t = OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|e| format!("timestamp: not ISO-8601 (RFC 3339): {e}"))?;
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| "timestamp: before 1970".into())
-}
-
-/// Milliseconds since the epoch as RFC 3339 (UTC).
-pub fn format_timestamp(ms: u64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
 async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let max = agent
-        .limits()
-        .map_or(DEFAULT_MAX_BODY, |l| l.max_message_bytes as usize);
+    let max = agent.max_message_bytes();
     let read = http::read_body(req.into_body(), max + 64 * 1024);
     let body = match crate::wait::with_timeout(BODY_TIMEOUT, read).await {
         Some(Ok(b)) => b,
@@ -200,7 +126,7 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     };
     let request = match SendRequest::parse(&body, now_ms()) {
         Ok(r) => r,
-        Err(e) => return http::error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return http::error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let response = match deliver(agent, request).await {
         Ok(id) => http::json(
@@ -250,28 +176,44 @@ async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Refusal> {
     };
     let id = r.id;
     let envelope = seal(agent, r)?;
-    let (reply, answer) = async_channel::bounded(1);
-    {
-        let mut pending = agent.pending.lock().expect("pending lock");
-        if pending.contains_key(&id) {
-            let e = format!("id: message {id} is already being sent");
-            return Err(refuse(StatusCode::CONFLICT, e));
-        }
-        let envelope = envelope.clone();
-        pending.insert(id, Pending { envelope, reply });
-    }
+    let outcome = submit(agent, &link, envelope).await?;
+    answer(agent, id, outcome)
+}
+
+/// Puts `envelope` in the outbox, sends it and waits for the server's answer; `None` when
+/// none came in time.
+async fn submit(
+    agent: &Agent,
+    link: &Link,
+    envelope: Envelope,
+) -> Result<Option<Outcome>, Refusal> {
+    let id = envelope.header().id;
+    let answer = agent
+        .outbox
+        .begin(envelope.clone())
+        .map_err(|e| refuse(StatusCode::CONFLICT, e.to_string()))?;
     agent.metrics.sent.inc();
-    // If this link has just dropped, the envelope stays pending and the next link sends it.
+    // If this link has just dropped, the envelope stays in the outbox and the next link
+    // sends it.
     let _ = link.frames.send(ClientFrame::Send { envelope }).await;
-    let outcome = crate::wait::with_timeout(agent.config.send_timeout, answer.recv()).await;
-    agent.pending.lock().expect("pending lock").remove(&id);
+    let waited = crate::wait::with_timeout(agent.config.send_timeout, answer.recv()).await;
+    let outcome = waited.and_then(Result::ok);
+    if outcome.is_none() {
+        // Settled sends already left the outbox; one nobody waits for stops being re-sent.
+        agent.outbox.forget(id);
+    }
+    Ok(outcome)
+}
+
+/// Turns the server's answer (or its absence) into the API's, counting it.
+fn answer(agent: &Agent, id: MessageId, outcome: Option<Outcome>) -> Result<MessageId, Refusal> {
     let (code, response) = match outcome {
-        Some(Ok(Outcome::Accepted)) => {
+        Some(Outcome::Accepted) => {
             agent.metrics.accepted.inc();
             return Ok(id);
         }
-        Some(Ok(Outcome::Rejected(code, reason))) => (code.as_str(), rejection(code, reason)),
-        _ => (
+        Some(Outcome::Rejected(code, reason)) => (code.as_str(), rejection(code, reason)),
+        None => (
             "no_answer",
             refuse(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -327,45 +269,5 @@ fn rejection(code: RejectCode, reason: String) -> Refusal {
             format!("{reason}; sending again with the same id is safe"),
         ),
         RejectCode::ForgedSender => refuse(StatusCode::INTERNAL_SERVER_ERROR, reason),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_minimal_and_full_bodies() {
-        let r = SendRequest::parse(br#"{"recipientId":"tax","payload":{"q":"hi"}}"#, 42).unwrap();
-        assert_eq!(r.recipient.as_str(), "tax");
-        assert_eq!(r.kind.as_str(), "ChatMessage");
-        assert_eq!(r.created_at_ms, 42);
-        let full = br#"{"id":"5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10","recipientId":"tax","type":"Question","timestamp":"2025-01-02T03:04:05.678Z","payload":"x"}"#;
-        let r = SendRequest::parse(full, 0).unwrap();
-        assert_eq!(r.id.to_string(), "5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10");
-        assert_eq!(
-            format_timestamp(r.created_at_ms),
-            "2025-01-02T03:04:05.678Z"
-        );
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        for (body, field) in [
-            (&br#"[1]"#[..], "object"),
-            (br#"{"payload":1}"#, "recipientId"),
-            (br#"{"recipientId":"a b","payload":1}"#, "recipientId"),
-            (br#"{"recipientId":"a"}"#, "payload"),
-            (br#"{"recipientId":"a","payload":1,"id":"nope"}"#, "id"),
-            (
-                br#"{"recipientId":"a","payload":1,"timestamp":"yesterday"}"#,
-                "timestamp",
-            ),
-            (br#"{"recipientId":"a","payload":1,"type":7}"#, "type"),
-            (br#"{not json"#, "JSON"),
-        ] {
-            let e = SendRequest::parse(body, 0).unwrap_err();
-            assert!(e.contains(field), "{e} should mention {field}");
-        }
     }
 }

@@ -4,25 +4,26 @@
 //! Sends still waiting for an answer when a connection ends are re-sent, unchanged, on the
 //! next one: the recipient drops the copy if the first had reached RabbitMQ after all.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 
-use super::{inbox, Agent, Link, Outcome};
+use super::outbox::Outcome;
+use super::{inbox, Agent, Link, DEFAULT_MAX_MESSAGE};
 use crate::config::ConfigError;
 use crate::crypto;
 use crate::directory::Directory;
 use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
+use crate::sync::{lock, write};
 use crate::transport::{self, Stream};
-use crate::wait::with_timeout;
+use crate::wait::{with_timeout, Backoff};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Frames accepted before `Welcome` tells the real limit.
-const DEFAULT_MAX_FRAME: usize = 1 << 20;
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
@@ -72,47 +73,95 @@ impl ServerUrl {
     }
 }
 
+/// Why a connection to a server failed or ended; logged before the next attempt.
+#[derive(Debug)]
+pub(super) enum LinkError {
+    /// TCP (or TLS over it) to the server could not be opened.
+    Connect(String),
+    /// The WebSocket upgrade failed: wrong path, not a DMR server, or a proxy in the way.
+    Upgrade(String),
+    /// The server did not finish the handshake within [`HANDSHAKE_TIMEOUT`].
+    HandshakeTimeout,
+    /// Our key could not produce the handshake's proof.
+    Proof(String),
+    /// The server closed the handshake, saying why (unknown agent, failed proof, …).
+    Refused { reason: String },
+    /// The server closed the connection, with its reason when it gave one.
+    Closed(Option<String>),
+    /// Nothing, not even a ping, arrived within [`transport::IDLE_TIMEOUT`].
+    Idle,
+    /// Reading from the socket failed.
+    Read(String),
+    /// Writing to the socket failed.
+    Write(String),
+    /// The server sent a frame that does not decode.
+    BadFrame(String),
+    /// The server sent a frame out of the protocol's order.
+    Unexpected(&'static str),
+    /// Our writer stopped because its queue closed.
+    Stopped,
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "TCP/TLS connection failed: {e}"),
+            Self::Upgrade(e) => write!(
+                f,
+                "WebSocket upgrade failed (is the URL a DMR server's /v1/ws?): {e}"
+            ),
+            Self::HandshakeTimeout => write!(f, "handshake timed out after {HANDSHAKE_TIMEOUT:?}"),
+            Self::Proof(e) => write!(f, "cannot prove possession of --key: {e}"),
+            Self::Refused { reason } => write!(f, "server refused: {reason}"),
+            Self::Closed(None) => f.write_str("server closed the connection"),
+            Self::Closed(Some(reason)) => write!(f, "server closed the connection: {reason}"),
+            Self::Idle => f.write_str("no frame or ping within the idle timeout"),
+            Self::Read(e) => write!(f, "WebSocket error: {e}"),
+            Self::Write(e) => write!(f, "write failed: {e}"),
+            Self::BadFrame(e) => write!(f, "bad frame from server: {e}"),
+            Self::Unexpected(what) => write!(f, "protocol error: {what}"),
+            Self::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
 /// How a connection attempt ended.
 enum End {
     /// Never got to `Welcome`.
-    Failed(String),
+    Failed(LinkError),
     /// Was authenticated, then lost.
-    Lost(String),
+    Lost(LinkError),
 }
 
 /// Keeps a connection to some server for as long as the agent runs.
 pub(super) async fn run(agent: Arc<Agent>) {
-    for s in agent
-        .config
-        .servers
-        .iter()
-        .filter(|s| !s.tls && !s.is_loopback())
-    {
+    warn_plain_text(&agent.config.servers);
+    let servers = &agent.config.servers;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    for attempt in 0usize.. {
+        let server = &servers[attempt % servers.len()];
+        match connect(&agent, server, attempt as u64).await {
+            End::Lost(e) => {
+                log::warn!("lost {}: {e}; reconnecting", server.url);
+                backoff.reset();
+            }
+            End::Failed(e) => log::warn!("cannot connect to {}: {e}", server.url),
+        }
+        if attempt > 0 {
+            agent.metrics.reconnects.inc();
+        }
+        backoff.wait().await;
+    }
+}
+
+fn warn_plain_text(servers: &[ServerUrl]) {
+    for s in servers.iter().filter(|s| !s.tls && !s.is_loopback()) {
         log::warn!(
             "{} is plain ws:// off loopback: use wss:// unless a TLS ingress is in front",
             s.url
         );
-    }
-    let mut backoff = BACKOFF_MIN;
-    let mut connected_before = false;
-    for attempt in 0usize.. {
-        let server = &agent.config.servers[attempt % agent.config.servers.len()];
-        match connect(&agent, server, attempt as u64).await {
-            End::Lost(reason) => {
-                log::warn!("lost {}: {reason}; reconnecting", server.url);
-                backoff = BACKOFF_MIN;
-            }
-            End::Failed(reason) => {
-                log::warn!("cannot connect to {}: {reason}", server.url);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-        }
-        if connected_before {
-            agent.metrics.reconnects.inc();
-        }
-        connected_before = true;
-        let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
-        smol::Timer::after(backoff + Duration::from_millis(jitter)).await;
     }
 }
 
@@ -120,166 +169,154 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
     let (mut tx, mut rx) = match with_timeout(HANDSHAKE_TIMEOUT, open(agent, server)).await {
         Some(Ok(ws)) => ws,
         Some(Err(e)) => return End::Failed(e),
-        None => return End::Failed("handshake timed out".into()),
+        None => return End::Failed(LinkError::HandshakeTimeout),
     };
     let (frames, out) = async_channel::bounded::<ClientFrame>(1024);
-    *agent.link.lock().expect("link lock") = Some(Link {
+    *lock(&agent.link) = Some(Link {
         generation,
         frames: frames.clone(),
     });
     agent.metrics.connected.set(1);
     log::info!("connected to {} as {}", server.url, agent.config.id);
-    resend_pending(agent, &frames);
+    let resent = agent.outbox.resend(&frames);
+    if resent > 0 {
+        log::info!("re-sent {resent} messages that were waiting for an answer");
+    }
     let writer = async {
         match transport::write_loop(&mut tx, &out, |f| Message::binary(f.encode())).await {
-            Ok(()) => "stopped".to_owned(),
-            Err(e) => format!("write failed: {e}"),
+            Ok(()) => LinkError::Stopped,
+            Err(e) => LinkError::Write(e.to_string()),
         }
     };
     let reason =
         futures_lite::future::or(writer, read_loop(agent, &mut rx, generation, &frames)).await;
-    *agent.link.lock().expect("link lock") = None;
+    *lock(&agent.link) = None;
     agent.metrics.connected.set(0);
     End::Lost(reason)
 }
 
 /// Dials, upgrades and authenticates; returns the socket halves after `Welcome`.
-async fn open(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), String> {
-    let tls = if server.tls { agent.tls.as_ref() } else { None };
-    let stream = transport::dial(&server.host, server.port, tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    let max = agent
-        .limits()
-        .map_or(DEFAULT_MAX_FRAME, |l| l.max_message_bytes as usize);
-    let cfg = transport::ws_config(max);
-    let (ws, _) =
-        async_tungstenite::client_async_with_config(server.url.as_str(), stream, Some(cfg))
-            .await
-            .map_err(|e| format!("WebSocket upgrade: {e}"))?;
-    let (mut tx, mut rx) = ws.split();
-    let id = agent.config.id.clone();
-    send(
-        &mut tx,
-        ClientFrame::Hello {
-            version: PROTOCOL_VERSION,
-            agent_id: id.clone(),
-        },
-    )
-    .await?;
-    let ServerFrame::Challenge {
-        ephemeral_pk,
-        nonce,
-    } = recv(&mut rx).await?
-    else {
-        return Err("expected Challenge".into());
-    };
-    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce).map_err(|e| e.to_string())?;
-    send(&mut tx, ClientFrame::Proof { mac }).await?;
-    let ServerFrame::Welcome { directory, limits } = recv(&mut rx).await? else {
-        return Err("expected Welcome".into());
-    };
-    *agent.directory.write().expect("directory lock") =
-        Arc::new(Directory::from_entries(&directory));
-    *agent.limits.write().expect("limits lock") = Some(limits);
+async fn open(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
+    let (mut tx, mut rx) = upgrade(agent, server).await?;
+    authenticate(agent, &mut tx, &mut rx).await?;
     Ok((tx, rx))
 }
 
-async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), String> {
+async fn upgrade(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
+    let tls = if server.tls { agent.tls.as_ref() } else { None };
+    let stream = transport::dial(&server.host, server.port, tls)
+        .await
+        .map_err(|e| LinkError::Connect(e.to_string()))?;
+    let cfg = transport::ws_config(agent.max_message_bytes());
+    let (ws, _) =
+        async_tungstenite::client_async_with_config(server.url.as_str(), stream, Some(cfg))
+            .await
+            .map_err(|e| LinkError::Upgrade(e.to_string()))?;
+    Ok(ws.split())
+}
+
+/// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the directory and limits `Welcome` carries.
+async fn authenticate(agent: &Agent, tx: &mut Sender, rx: &mut Receiver) -> Result<(), LinkError> {
+    let id = agent.config.id.clone();
+    let hello = ClientFrame::Hello {
+        version: PROTOCOL_VERSION,
+        agent_id: id.clone(),
+    };
+    send(tx, hello).await?;
+    let ServerFrame::Challenge {
+        ephemeral_pk,
+        nonce,
+    } = recv(rx).await?
+    else {
+        return Err(LinkError::Unexpected("expected Challenge"));
+    };
+    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce)
+        .map_err(|e| LinkError::Proof(e.to_string()))?;
+    send(tx, ClientFrame::Proof { mac }).await?;
+    let ServerFrame::Welcome { directory, limits } = recv(rx).await? else {
+        return Err(LinkError::Unexpected("expected Welcome"));
+    };
+    *write(&agent.directory) = Arc::new(Directory::from_entries(&directory));
+    *write(&agent.limits) = Some(limits);
+    Ok(())
+}
+
+async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
     tx.send(Message::binary(frame.encode()))
         .await
-        .map_err(|e| format!("write failed: {e}"))
+        .map_err(|e| LinkError::Write(e.to_string()))
 }
 
-/// Reads one handshake frame; a close frame's reason becomes the error.
-async fn recv(rx: &mut Receiver) -> Result<ServerFrame, String> {
+/// Reads one handshake frame; a close frame's reason is the server's refusal.
+async fn recv(rx: &mut Receiver) -> Result<ServerFrame, LinkError> {
+    match next_frame(rx, DEFAULT_MAX_MESSAGE + FRAME_OVERHEAD).await {
+        Err(LinkError::Closed(Some(reason))) => Err(LinkError::Refused { reason }),
+        other => other,
+    }
+}
+
+/// Waits for the next frame of at most `max` bytes, skipping pings and pongs.
+async fn next_frame(rx: &mut Receiver, max: usize) -> Result<ServerFrame, LinkError> {
     loop {
-        match rx.next().await {
-            Some(Ok(Message::Binary(b))) => {
-                return ServerFrame::decode(&b, DEFAULT_MAX_FRAME + FRAME_OVERHEAD)
-                    .map_err(|e| e.to_string())
+        let bytes = match with_timeout(transport::IDLE_TIMEOUT, rx.next()).await {
+            None => return Err(LinkError::Idle),
+            Some(None) => return Err(LinkError::Closed(None)),
+            Some(Some(Err(e))) => return Err(LinkError::Read(e.to_string())),
+            Some(Some(Ok(Message::Binary(b)))) => b,
+            Some(Some(Ok(Message::Close(c)))) => {
+                return Err(LinkError::Closed(c.map(|c| c.reason.to_string())))
             }
-            Some(Ok(Message::Close(Some(c)))) => {
-                return Err(format!("server refused: {}", c.reason))
-            }
-            Some(Ok(Message::Close(None))) | None => {
-                return Err("server closed the connection".into())
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(format!("WebSocket error: {e}")),
-        }
+            Some(Some(Ok(_))) => continue,
+        };
+        return ServerFrame::decode(&bytes, max).map_err(|e| LinkError::BadFrame(e.to_string()));
     }
 }
 
-fn resend_pending(agent: &Agent, frames: &async_channel::Sender<ClientFrame>) {
-    let pending = agent.pending.lock().expect("pending lock");
-    if !pending.is_empty() {
-        log::info!(
-            "re-sending {} messages that were waiting for an answer",
-            pending.len()
-        );
-    }
-    for p in pending.values() {
-        let _ = frames.try_send(ClientFrame::Send {
-            envelope: p.envelope.clone(),
-        });
-    }
-}
-
+/// Handles the server's frames until the connection fails; returns why it did.
 async fn read_loop(
     agent: &Arc<Agent>,
     rx: &mut Receiver,
     generation: u64,
     frames: &async_channel::Sender<ClientFrame>,
-) -> String {
+) -> LinkError {
     loop {
-        let max = agent
-            .limits()
-            .map_or(DEFAULT_MAX_FRAME, |l| l.max_message_bytes as usize)
-            + FRAME_OVERHEAD;
-        let bytes = match with_timeout(transport::IDLE_TIMEOUT, rx.next()).await {
-            None => return "no frame or ping within the idle timeout".into(),
-            Some(None) => return "connection closed".into(),
-            Some(Some(Err(e))) => return format!("WebSocket error: {e}"),
-            Some(Some(Ok(Message::Binary(b)))) => b,
-            Some(Some(Ok(Message::Close(c)))) => {
-                return format!(
-                    "server closed: {}",
-                    c.map(|c| c.reason.to_string()).unwrap_or_default()
-                )
-            }
-            Some(Some(Ok(_))) => continue,
+        let max = agent.max_message_bytes() + FRAME_OVERHEAD;
+        let handled = match next_frame(rx, max).await {
+            Ok(frame) => dispatch(agent, frame, generation, frames),
+            Err(e) => Err(e),
         };
-        let frame = match ServerFrame::decode(&bytes, max) {
-            Ok(f) => f,
-            Err(e) => return format!("bad frame from server: {e}"),
-        };
-        match frame {
-            ServerFrame::Accepted { id } => settle(agent, id, Outcome::Accepted),
-            ServerFrame::Rejected { id, code, reason } => {
-                settle(agent, id, Outcome::Rejected(code, reason))
-            }
-            ServerFrame::Deliver { delivery, envelope } => {
-                let (agent, frames) = (agent.clone(), frames.clone());
-                smol::spawn(async move {
-                    inbox::handle(agent, generation, frames, delivery, envelope).await
-                })
-                .detach();
-            }
-            ServerFrame::Directory { directory } => {
-                let d = Directory::from_entries(&directory);
-                log::info!("directory update: {} agents", d.len());
-                *agent.directory.write().expect("directory lock") = Arc::new(d);
-            }
-            ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. } => {
-                return "handshake frame after the handshake".into()
-            }
+        if let Err(e) = handled {
+            return e;
         }
     }
 }
 
-fn settle(agent: &Agent, id: crate::protocol::MessageId, outcome: Outcome) {
-    if let Some(p) = agent.pending.lock().expect("pending lock").remove(&id) {
-        let _ = p.reply.try_send(outcome);
+fn dispatch(
+    agent: &Arc<Agent>,
+    frame: ServerFrame,
+    generation: u64,
+    frames: &async_channel::Sender<ClientFrame>,
+) -> Result<(), LinkError> {
+    match frame {
+        ServerFrame::Accepted { id } => agent.outbox.settle(id, Outcome::Accepted),
+        ServerFrame::Rejected { id, code, reason } => {
+            agent.outbox.settle(id, Outcome::Rejected(code, reason))
+        }
+        ServerFrame::Deliver { delivery, envelope } => {
+            let (agent, frames) = (agent.clone(), frames.clone());
+            smol::spawn(async move {
+                inbox::handle(agent, generation, frames, delivery, envelope).await
+            })
+            .detach();
+        }
+        ServerFrame::Directory { directory } => {
+            let d = Directory::from_entries(&directory);
+            log::info!("directory update: {} agents", d.len());
+            *write(&agent.directory) = Arc::new(d);
+        }
+        ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. } => {
+            return Err(LinkError::Unexpected("handshake frame after the handshake"))
+        }
     }
+    Ok(())
 }

@@ -1,0 +1,222 @@
+//! The agent's JSON bodies: the `POST /v1/messages` request it accepts and the webhook body
+//! it delivers, and the clock and RFC 3339 timestamps both of them carry.
+//!
+//! Kept apart from `api` and `inbox` so that the two edges share the shapes (shaped like the
+//! existing Bürokratt DMR agent's) without depending on each other.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::protocol::{AgentId, Header, Kind, MessageId};
+
+/// A validated `POST /v1/messages` body.
+#[derive(Debug)]
+pub struct SendRequest {
+    pub id: MessageId,
+    pub recipient: AgentId,
+    pub kind: Kind,
+    pub created_at_ms: u64,
+    pub payload: Value,
+}
+
+/// Why a `POST /v1/messages` body was refused; the text names the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendRequestError {
+    /// The body does not parse as JSON.
+    NotJson(String),
+    /// The body is JSON, but not an object.
+    NotObject,
+    /// A field is missing or malformed; `problem` says how.
+    Field {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl fmt::Display for SendRequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotJson(e) => write!(f, "body is not JSON: {e}"),
+            Self::NotObject => f.write_str("body must be a JSON object"),
+            Self::Field { field, problem } => write!(f, "{field}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for SendRequestError {}
+
+fn bad(field: &'static str, problem: impl fmt::Display) -> SendRequestError {
+    SendRequestError::Field {
+        field,
+        problem: problem.to_string(),
+    }
+}
+
+impl SendRequest {
+    /// Parses and checks a request body; absent optional fields get their defaults
+    /// (a random id, `ChatMessage`, `now_ms`). The error names the field at fault.
+    pub fn parse(body: &[u8], now_ms: u64) -> Result<Self, SendRequestError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| SendRequestError::NotJson(e.to_string()))?;
+        let Value::Object(mut o) = v else {
+            return Err(SendRequestError::NotObject);
+        };
+        Ok(Self {
+            id: id(o.remove("id"))?,
+            recipient: recipient(o.remove("recipientId"))?,
+            kind: kind(o.remove("type"))?,
+            created_at_ms: created_at(o.remove("timestamp"), now_ms)?,
+            payload: o
+                .remove("payload")
+                .ok_or_else(|| bad("payload", "required (any JSON value)"))?,
+        })
+    }
+}
+
+fn id(v: Option<Value>) -> Result<MessageId, SendRequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(MessageId::random()),
+        Some(Value::String(s)) => Uuid::parse_str(&s)
+            .map(MessageId)
+            .map_err(|e| bad("id", format!("not a UUID: {e}"))),
+        Some(_) => Err(bad("id", "must be a UUID string")),
+    }
+}
+
+fn recipient(v: Option<Value>) -> Result<AgentId, SendRequestError> {
+    match v {
+        Some(Value::String(s)) => AgentId::new(s).map_err(|e| bad("recipientId", e)),
+        Some(_) => Err(bad("recipientId", "must be a string")),
+        None => Err(bad("recipientId", "required")),
+    }
+}
+
+fn kind(v: Option<Value>) -> Result<Kind, SendRequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(Kind::chat_message()),
+        Some(Value::String(s)) => Kind::new(s).map_err(|e| bad("type", e)),
+        Some(_) => Err(bad("type", "must be a string")),
+    }
+}
+
+fn created_at(v: Option<Value>, now_ms: u64) -> Result<u64, SendRequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(now_ms),
+        Some(Value::String(s)) => parse_timestamp(&s),
+        Some(_) => Err(bad("timestamp", "must be an ISO-8601 string")),
+    }
+}
+
+/// The `POST <deliver-url>` body for an opened message.
+pub(super) fn webhook_body(h: &Header, payload: Value) -> Bytes {
+    let body = serde_json::json!({
+        "id": h.id.to_string(),
+        "senderId": h.sender,
+        "recipientId": h.recipient,
+        "timestamp": format_timestamp(h.created_at_ms),
+        "type": h.kind,
+        "payload": payload,
+    });
+    Bytes::from(body.to_string())
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads an RFC 3339 timestamp as milliseconds since the epoch.
+fn parse_timestamp(s: &str) -> Result<u64, SendRequestError> {
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| bad("timestamp", format!("not ISO-8601 (RFC 3339): {e}")))?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad("timestamp", "before 1970"))
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC).
+pub(super) fn format_timestamp(ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// A `ChatMessage` header from `police` to `tax`, for the agent's unit tests.
+    pub(in crate::agent) fn header(created_at_ms: u64) -> Header {
+        Header {
+            id: MessageId::random(),
+            sender: AgentId::new("police").unwrap(),
+            recipient: AgentId::new("tax").unwrap(),
+            created_at_ms,
+            kind: Kind::chat_message(),
+        }
+    }
+
+    #[test]
+    fn parses_minimal_and_full_bodies() {
+        let r = SendRequest::parse(br#"{"recipientId":"tax","payload":{"q":"hi"}}"#, 42).unwrap();
+        assert_eq!(r.recipient.as_str(), "tax");
+        assert_eq!(r.kind.as_str(), "ChatMessage");
+        assert_eq!(r.created_at_ms, 42);
+        let full = br#"{"id":"5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10","recipientId":"tax","type":"Question","timestamp":"2025-01-02T03:04:05.678Z","payload":"x"}"#;
+        let r = SendRequest::parse(full, 0).unwrap();
+        assert_eq!(r.id.to_string(), "5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10");
+        assert_eq!(
+            format_timestamp(r.created_at_ms),
+            "2025-01-02T03:04:05.678Z"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (body, field) in [
+            (&br#"[1]"#[..], "object"),
+            (br#"{"payload":1}"#, "recipientId"),
+            (br#"{"recipientId":"a b","payload":1}"#, "recipientId"),
+            (br#"{"recipientId":"a"}"#, "payload"),
+            (br#"{"recipientId":"a","payload":1,"id":"nope"}"#, "id"),
+            (
+                br#"{"recipientId":"a","payload":1,"timestamp":"yesterday"}"#,
+                "timestamp",
+            ),
+            (
+                br#"{"recipientId":"a","payload":1,"timestamp":"1969-12-31T23:59:59Z"}"#,
+                "timestamp",
+            ),
+            (br#"{"recipientId":"a","payload":1,"type":7}"#, "type"),
+            (br#"{not json"#, "JSON"),
+        ] {
+            let e = SendRequest::parse(body, 0).unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should mention {field}");
+        }
+    }
+
+    #[test]
+    fn webhook_body_carries_the_header_and_payload() {
+        let h = header(1_735_787_045_678);
+        let body: Value =
+            serde_json::from_slice(&webhook_body(&h, serde_json::json!({"q": 1}))).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "id": h.id.to_string(),
+                "senderId": "police",
+                "recipientId": "tax",
+                "timestamp": "2025-01-02T03:04:05.678Z",
+                "type": "ChatMessage",
+                "payload": {"q": 1},
+            })
+        );
+    }
+}
