@@ -30,7 +30,10 @@ scripts/ensure-rabbitmq.sh
 
 say "building"
 cargo build --locked --bins --quiet
-bin=$root/target/debug
+# Where cargo put them: CARGO_TARGET_DIR when set (relative to this directory, as cargo reads it).
+target=${CARGO_TARGET_DIR:-target}
+case "$target" in /*) ;; *) target=$root/$target ;; esac
+bin=$target/debug
 
 work=$(mktemp -d /tmp/dmr-e2e.XXXXXX)
 prefix="e2e-$(date +%s)-$$."

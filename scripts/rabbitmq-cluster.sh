@@ -5,11 +5,15 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: scripts/rabbitmq-cluster.sh up|down|status
-  up      start rabbit-dmr1..3@localhost (AMQP 127.0.0.1:5681-5683, management UI
-          15681-15683, Prometheus 15791-15793), cluster 2 and 3 with 1, print --amqp-url
-  down    stop the three nodes and delete everything they wrote
-  status  show which nodes run and the cluster membership
+usage: scripts/rabbitmq-cluster.sh up|down|status|stop-node N|start-node N|urls
+  up            start rabbit-dmr1..3@localhost (AMQP 127.0.0.1:5681-5683, management UI
+                15681-15683, Prometheus 15791-15793), cluster 2 and 3 with 1, print --amqp-url
+  down          stop the three nodes and delete everything they wrote
+  status        show which nodes run and the cluster membership
+  stop-node N   stop the RabbitMQ application on node N (1-3): its clients are disconnected,
+                its quorum queue replicas go away, the others elect new leaders
+  start-node N  start it again and wait until it has booted (bounded: 120 s)
+  urls          print the comma-separated --amqp-url of the three nodes (one line)
 State lives in $DMR_RABBIT_CLUSTER_DIR (default /tmp/dmr-rabbit-cluster).
 USAGE
 }
@@ -18,39 +22,19 @@ DIR=${DMR_RABBIT_CLUSTER_DIR:-/tmp/dmr-rabbit-cluster}
 NODES=(1 2 3)
 node() { echo "rabbit-dmr$1@localhost"; }
 
-# Prefer the real scripts over Debian's /usr/sbin wrappers: those re-quote arguments through
-# `su` and swallow server output. Run as the rabbitmq user with its HOME, so the nodes share the
-# cookie in ~rabbitmq/.erlang.cookie that the stock `rabbitmqctl` uses too (so
-# `rabbitmqctl -n rabbit-dmr1@localhost ...` works from root). Without that user, run as
-# ourselves with $HOME/.erlang.cookie.
-BIN=/usr/lib/rabbitmq/bin
-[ -x "$BIN/rabbitmq-server" ] || BIN=$(dirname "$(command -v rabbitmq-server)")
-if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1; then
-  RUN_USER=rabbitmq
-  RUN_HOME=$(getent passwd rabbitmq | cut -d: -f6)
-else
-  RUN_USER=
-  RUN_HOME=$HOME
-fi
+# shellcheck source=scripts/rabbitmq-node-lib.sh
+. "$(dirname "$0")/rabbitmq-node-lib.sh"
 
-as_rabbit() {
-  # cd: the rabbitmq user may not be able to read the caller's working directory.
-  if [ -n "$RUN_USER" ]; then
-    (cd "$RUN_HOME" && runuser -u "$RUN_USER" -- env HOME="$RUN_HOME" "$@")
-  else
-    (cd "$RUN_HOME" && "$@")
-  fi
-}
 ctl() { local n=$1; shift; as_rabbit timeout 120 "$BIN/rabbitmqctl" -q -n "$(node "$n")" "$@"; }
 running() { ctl "$1" ping >/dev/null 2>&1; }
 # ping answers as soon as the Erlang VM is up; this one needs the rabbit app itself.
 app_running() { as_rabbit timeout 60 "$BIN/rabbitmq-diagnostics" -q -n "$(node "$1")" check_running >/dev/null 2>&1; }
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start_node() {
   local i=$1 d="$DIR/n$1"
   mkdir -p "$d/mnesia" "$d/log"
-  # Our own config file, not /etc/rabbitmq/rabbitmq.conf: that one pins the listener to 5672.
+  # Our own config file, not /etc/rabbitmq/rabbitmq.conf: that one pins the listener to 5672
+  # (and an empty conf.d of our own, so the system's /etc/rabbitmq/conf.d stays out too).
   cat >"$d/rabbitmq.conf" <<CONF
 listeners.tcp.local = 127.0.0.1:568$i
 management.tcp.ip = 127.0.0.1
@@ -66,6 +50,7 @@ CONF
     RABBITMQ_NODE_PORT="568$i" \
     RABBITMQ_DIST_PORT="2568$i" \
     RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
+    RABBITMQ_CONFIG_FILES="$d/conf.d" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" \
     RABBITMQ_MNESIA_BASE="$d/mnesia" \
     RABBITMQ_LOG_BASE="$d/log" \
@@ -107,10 +92,14 @@ up() {
   urls
 }
 
-urls() {
+url_list() {
   local list="" i
   for i in "${NODES[@]}"; do list+="${list:+,}amqp://guest:guest@127.0.0.1:568$i/%2f"; done
-  echo "dmr-server run --amqp-url '$list'"
+  echo "$list"
+}
+
+urls() {
+  echo "dmr-server run --amqp-url '$(url_list)'"
   echo "management UI: http://127.0.0.1:15681/ (also 15682, 15683), guest/guest"
 }
 
@@ -146,8 +135,33 @@ down() {
   echo "cluster down, $DIR removed"
 }
 
+node_arg() {
+  case "${1:-}" in
+    1|2|3) ;;
+    *) echo "expected a node number 1, 2 or 3; got '${1:-}'" >&2; exit 2 ;;
+  esac
+}
+
+stop_node() {
+  node_arg "$1"
+  running "$1" || { echo "$(node "$1") is not running" >&2; exit 1; }
+  echo "stopping the rabbit app on $(node "$1")"
+  ctl "$1" stop_app
+}
+
+start_node_app() {
+  node_arg "$1"
+  running "$1" || { echo "$(node "$1") is not running (its VM is down): run '$0 up'" >&2; exit 1; }
+  echo "starting the rabbit app on $(node "$1")"
+  ctl "$1" start_app
+  ctl "$1" await_startup
+}
+
 case "${1:-}" in
   up) up ;;
+  stop-node) stop_node "${2:-}" ;;
+  start-node) start_node_app "${2:-}" ;;
+  urls) url_list ;;
   down) down ;;
   status) status ;;
   -h|--help) usage ;;

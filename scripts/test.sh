@@ -27,6 +27,8 @@ need() {
 need openssl openssl              # tests check key interop with `openssl genpkey`
 need systemd-analyze systemd      # scripts/verify-systemd.sh
 need curl curl
+need promtool prometheus          # tests/ops.rs: promtool check rules deploy/prometheus/*.yml
+need shellcheck shellcheck        # tests/ops.rs: lints scripts/*.sh
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 scripts/ensure-rabbitmq.sh
