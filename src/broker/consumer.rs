@@ -37,6 +37,8 @@ pub struct Delivery {
     pub sender: Option<String>,
     /// The `dmr-recipient` header (the recipient agent's id), if present.
     pub recipient: Option<String>,
+    /// Why DMR dead-lettered it (the `x-dmr-reason` header), on messages read from the DLQ.
+    pub reason: Option<String>,
     /// The message's AMQP properties as published, kept so that dead-lettering it with a
     /// reason ([`super::Broker::dead_letter`]) republishes the same message.
     pub(super) properties: BasicProperties,
@@ -192,6 +194,7 @@ impl AsyncConsumer for Forwarder {
             message_id: properties.message_id().cloned(),
             sender: text(super::HEADER_SENDER),
             recipient: text(super::HEADER_RECIPIENT),
+            reason: text(super::HEADER_REASON),
             routing_key: deliver.routing_key().clone(),
             properties,
         };
