@@ -13,6 +13,7 @@ mod inbox;
 mod link;
 mod outbox;
 mod replay;
+mod webhook;
 
 /// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
 pub use bodies::{SendRequest, SendRequestError};
@@ -46,6 +47,10 @@ pub struct AgentConfig {
     pub api_token: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub max_concurrent_deliveries: usize,
+    /// The freshness window (`--message-ttl`), in milliseconds.
+    pub message_ttl_ms: u64,
+    /// Longest pause between delivery attempts during a local service outage.
+    pub webhook_retry_max: Duration,
     /// How long `POST /v1/messages` waits for the server's answer.
     pub send_timeout: Duration,
 }
@@ -93,6 +98,8 @@ impl AgentConfig {
             api_token: a.api_token.filter(|t| !t.is_empty()),
             ca_file: a.ca_file,
             max_concurrent_deliveries: a.max_concurrent_deliveries,
+            message_ttl_ms: a.message_ttl.saturating_mul(1000),
+            webhook_retry_max: Duration::from_secs(a.webhook_retry_max.max(1)),
             send_timeout: Duration::from_secs(30),
         })
     }
@@ -117,8 +124,8 @@ struct Agent {
     deliveries: Semaphore,
     metrics: AgentMetrics,
     tls: Option<futures_rustls::TlsConnector>,
-    /// Keep-alive connections to the local service's webhook.
-    webhook: crate::http::Client,
+    /// Delivery to the local service, shared by every delivery in progress.
+    webhook: webhook::Webhook,
 }
 
 impl Agent {
@@ -172,6 +179,7 @@ impl Agent {
             true => Some(crate::transport::client_tls(config.ca_file.as_deref())?),
             false => None,
         };
+        let webhook_retry_max = config.webhook_retry_max;
         Ok(Arc::new(Agent {
             deliveries: Semaphore::new(config.max_concurrent_deliveries),
             replay: Mutex::new(replay::Guard::default()),
@@ -182,7 +190,10 @@ impl Agent {
             link: Mutex::default(),
             outbox: outbox::Outbox::default(),
             metrics: AgentMetrics::default(),
-            webhook: crate::http::Client::new(tls.clone()),
+            webhook: webhook::Webhook::new(
+                crate::http::Client::new(tls.clone()),
+                webhook_retry_max,
+            ),
             tls,
         }))
     }

@@ -145,6 +145,18 @@ pub struct AgentArgs {
     /// webhook deliveries running at once [env DMR_MAX_CONCURRENT_DELIVERIES] [default 16]
     #[argh(option, default = "16")]
     pub max_concurrent_deliveries: usize,
+
+    /// freshness window in seconds: older messages are refused at the API and dead-lettered
+    /// on arrival; keep it equal to the server's --message-ttl [env DMR_MESSAGE_TTL]
+    /// [default 86400]
+    #[argh(option, default = "86400")]
+    pub message_ttl: u64,
+
+    /// longest pause in seconds between delivery attempts while the local service is down;
+    /// deliveries wait for it without spending RabbitMQ's delivery limit
+    /// [env DMR_WEBHOOK_RETRY_MAX] [default 60]
+    #[argh(option, default = "60")]
+    pub webhook_retry_max: u64,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.

@@ -123,6 +123,8 @@ pub struct AgentMetrics {
     pub duplicates: Counter,
     pub stale: Counter,
     pub webhook_failures: Counter,
+    pub webhook_up: Gauge,
+    pub dead_lettered: Counter,
     pub decrypt_failures: Counter,
     pub send_seconds: Histogram,
     pub delivery_seconds: Histogram,
@@ -141,10 +143,13 @@ impl Default for AgentMetrics {
             duplicates: Counter::default(),
             stale: Counter::default(),
             webhook_failures: Counter::default(),
+            webhook_up: Gauge::default(),
+            dead_lettered: Counter::default(),
             decrypt_failures: Counter::default(),
             send_seconds: latency(),
             delivery_seconds: latency(),
         };
+        m.webhook_up.set(1);
         let r = &mut m.registry;
         r.register(
             "connected",
@@ -171,6 +176,16 @@ impl Default for AgentMetrics {
             "delivered",
             "Messages delivered to the local service",
             m.delivered.clone(),
+        );
+        r.register(
+            "webhook_up",
+            "0 while the local service is failing and deliveries are held for it",
+            m.webhook_up.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Incoming messages that can never be delivered, sent to the DLQ with a reason",
+            m.dead_lettered.clone(),
         );
         r.register(
             "duplicates",

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::bodies::{now_ms, SendRequest};
+use super::bodies::{check_fresh, now_ms, SendRequest};
 use super::outbox::Outcome;
 use super::{Agent, Link};
 use crate::crypto;
@@ -33,14 +33,7 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
         (&Method::GET, "/v1/agents") => agents(&agent),
         (&Method::GET, "/v1/health") => health(&agent),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET, "/readyz") => match agent.link().is_some() {
-            true => http::text(StatusCode::OK, "text/plain", "ready\n"),
-            false => http::text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not connected to a server\n",
-            ),
-        },
+        (&Method::GET, "/readyz") => ready(&agent),
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
@@ -99,6 +92,29 @@ fn health(agent: &Agent) -> Response<Body> {
     )
 }
 
+/// Ready = connected and authenticated to a server. A failing local service does not make
+/// the agent unready (it can still send, and holds deliveries), but the body says so.
+fn ready(agent: &Agent) -> Response<Body> {
+    let connected = agent.link().is_some();
+    let webhook = match agent.webhook.health.outage() {
+        None => serde_json::json!({"up": true}),
+        Some((secs, reason)) => {
+            serde_json::json!({"up": false, "downForSeconds": secs, "reason": reason})
+        }
+    };
+    let status = match connected {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = serde_json::json!({
+        "ready": connected,
+        "connected": connected,
+        "reason": (!connected).then_some("not connected to a server"),
+        "webhook": webhook,
+    });
+    http::json(status, &body)
+}
+
 async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let max = agent.max_message_bytes();
@@ -124,10 +140,15 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
             )
         }
     };
-    let request = match SendRequest::parse(&body, now_ms()) {
+    let now = now_ms();
+    let request = match SendRequest::parse(&body, now) {
         Ok(r) => r,
         Err(e) => return http::error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    // Refused here, where the sender can still be told, rather than dead-lettered on arrival.
+    if let Err(e) = check_fresh(request.created_at_ms, agent.config.message_ttl_ms, now) {
+        return http::error(StatusCode::BAD_REQUEST, format!("timestamp: {e}"));
+    }
     let response = match deliver(agent, request).await {
         Ok(id) => http::json(
             StatusCode::ACCEPTED,

@@ -126,6 +126,50 @@ pub(super) fn webhook_body(h: &Header, payload: Value) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// Accepted clock difference between agents.
+pub(super) const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// A creation time outside the freshness window.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Stale {
+    pub created_at_ms: u64,
+    pub now_ms: u64,
+    pub ttl_ms: u64,
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (when, now) = (self.created_at_ms as i128, self.now_ms as i128);
+        let relative = match when <= now {
+            true => format!("{} s ago", (now - when) / 1000),
+            false => format!("{} s in the future", (when - now) / 1000),
+        };
+        write!(
+            f,
+            "created {relative}, outside the accepted window of at most {} s old \
+             (--message-ttl) and {} s ahead (clock skew)",
+            (self.ttl_ms + CLOCK_SKEW_MS) / 1000,
+            CLOCK_SKEW_MS / 1000
+        )
+    }
+}
+
+/// Whether a message created at `created_at_ms` is within `ttl_ms` (plus clock skew) before
+/// `now`, and not further in the future than the skew. The sender's API and the recipient
+/// apply the same window, so a message the API accepts is not stale on arrival.
+pub(super) fn check_fresh(created_at_ms: u64, ttl_ms: u64, now: u64) -> Result<(), Stale> {
+    let oldest = now.saturating_sub(ttl_ms.saturating_add(CLOCK_SKEW_MS));
+    let newest = now.saturating_add(CLOCK_SKEW_MS);
+    match (oldest..=newest).contains(&created_at_ms) {
+        true => Ok(()),
+        false => Err(Stale {
+            created_at_ms,
+            now_ms: now,
+            ttl_ms,
+        }),
+    }
+}
+
 /// Milliseconds since the Unix epoch, by this machine's clock.
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -200,6 +244,19 @@ pub(super) mod tests {
             let e = SendRequest::parse(body, 0).unwrap_err().to_string();
             assert!(e.contains(field), "{e} should mention {field}");
         }
+    }
+
+    #[test]
+    fn the_freshness_window_is_ttl_plus_skew_back_and_skew_ahead_without_overflow() {
+        let (ttl, now) = (60_000, 10_000_000);
+        assert!(check_fresh(now, ttl, now).is_ok());
+        assert!(check_fresh(now - ttl - CLOCK_SKEW_MS, ttl, now).is_ok());
+        assert!(check_fresh(now - ttl - CLOCK_SKEW_MS - 1, ttl, now).is_err());
+        assert!(check_fresh(now + CLOCK_SKEW_MS, ttl, now).is_ok());
+        let ahead = check_fresh(now + CLOCK_SKEW_MS + 1, ttl, now).unwrap_err();
+        assert!(ahead.to_string().contains("in the future"), "{ahead}");
+        assert!(check_fresh(0, u64::MAX, u64::MAX).is_ok());
+        assert!(check_fresh(u64::MAX, 0, 0).is_err());
     }
 
     #[test]
