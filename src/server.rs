@@ -52,38 +52,45 @@ impl ServerConfig {
     pub fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
         let amqp_urls = split_list(std::slice::from_ref(&a.amqp_url));
         if amqp_urls.is_empty() {
-            return Err(ConfigError("--amqp-url is empty".into()));
+            return Err(ConfigError::Empty { flag: "--amqp-url" });
         }
         if a.agents_file.is_none() && a.centops_url.is_none() {
-            return Err(ConfigError("give --agents-file or --centops-url (or both): the server needs the agent directory".into()));
+            return Err(ConfigError::MissingEither {
+                first: "--agents-file",
+                second: "--centops-url",
+                why: "the server needs the agent directory",
+            });
         }
         if let Some(u) = &a.centops_url {
             u.parse::<hyper::Uri>()
                 .ok()
                 .filter(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")))
-                .ok_or_else(|| ConfigError(format!("--centops-url {u:?} is not an http(s) URL")))?;
+                .ok_or_else(|| ConfigError::Invalid {
+                    flag: "--centops-url",
+                    value: u.clone(),
+                    why: "not an http(s) URL".into(),
+                })?;
         }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+            _ => {
+                return Err(ConfigError::Together {
+                    first: "--tls-cert",
+                    second: "--tls-key",
+                })
+            }
         };
-        if a.message_ttl == 0
-            || a.delivery_limit == 0
-            || a.max_message_bytes == 0
-            || a.prefetch == 0
-        {
-            return Err(ConfigError("--message-ttl, --delivery-limit, --max-message-bytes and --prefetch must be above 0".into()));
-        }
-        if a.handshake_timeout == 0 {
-            return Err(ConfigError(
-                "--handshake-timeout must be at least 1 second".into(),
-            ));
-        }
-        if a.centops_interval == 0 {
-            return Err(ConfigError(
-                "--centops-interval must be at least 1 second".into(),
-            ));
+        let at_least_one = [
+            ("--message-ttl", a.message_ttl, "1 second"),
+            ("--delivery-limit", a.delivery_limit.into(), "1"),
+            ("--max-message-bytes", a.max_message_bytes.into(), "1"),
+            ("--prefetch", a.prefetch.into(), "1"),
+            ("--handshake-timeout", a.handshake_timeout, "1 second"),
+            ("--centops-interval", a.centops_interval, "1 second"),
+        ];
+        if let Some(&(flag, _, min)) = at_least_one.iter().find(|(_, v, _)| *v == 0) {
+            return Err(ConfigError::TooSmall { flag, min });
         }
         Ok(Self {
             listen: a.listen,
@@ -127,7 +134,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn directory(&self) -> Arc<Directory> {
-        self.directory.read().expect("directory lock").clone()
+        crate::sync::read(&self.directory).clone()
     }
 
     /// Ready = RabbitMQ connected, a directory loaded, and not stopping.
