@@ -16,6 +16,8 @@
 //! - [`signals`], [`process`]: process plumbing shared by both binaries.
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod broker;
 pub mod config;

@@ -5,13 +5,14 @@
 //! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
 //! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
 
+mod outstanding;
 mod session;
 mod sessions;
 mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,8 +27,10 @@ use crate::metrics::ServerMetrics;
 use crate::protocol::Limits;
 use crate::signals::{self, Signal};
 use crate::transport;
+use crate::wait::with_timeout;
 
-pub use sessions::Sessions;
+use outstanding::Outstanding;
+use sessions::Sessions;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
@@ -127,8 +130,8 @@ pub(crate) struct Shared {
     sessions: Sessions,
     broker: Broker,
     metrics: ServerMetrics,
-    /// Publishes awaiting a confirm; shutdown waits for them.
-    in_flight: AtomicU64,
+    /// Open sessions and publishes awaiting a confirm; shutdown waits for them.
+    outstanding: Outstanding,
     stopping: AtomicBool,
 }
 
@@ -170,7 +173,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             directory_loaded: AtomicBool::new(false),
             sessions: Sessions::default(),
             metrics: ServerMetrics::default(),
-            in_flight: AtomicU64::new(0),
+            outstanding: Outstanding::default(),
             stopping: AtomicBool::new(false),
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
@@ -202,12 +205,12 @@ async fn shutdown(shared: &Shared) {
     log::info!("stopping: closing {} sessions", shared.sessions.len());
     shared.stopping.store(true, Ordering::SeqCst);
     shared.sessions.close_all("server shutting down");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    // Sessions leave the registry once their close frame is written: exiting earlier
-    // would reset the sockets and agents would not learn why.
-    let busy = || shared.in_flight.load(Ordering::SeqCst) > 0 || !shared.sessions.is_empty();
-    while busy() && std::time::Instant::now() < deadline {
-        smol::Timer::after(Duration::from_millis(20)).await;
+    // Sessions end once their close frame is written: exiting earlier would reset the
+    // sockets and agents would not learn why.
+    let limit = Duration::from_secs(10);
+    if with_timeout(limit, shared.outstanding.finished()).await.is_none() {
+        let left = shared.outstanding.count();
+        log::warn!("stopping anyway: {left} sessions or publishes still busy after {limit:?}");
     }
     shared.broker.close().await;
     log::info!("stopped");
