@@ -227,7 +227,7 @@ pub fn parse<T: FromArgs>(
 }
 
 /// Appends `--flag value` for each `DMR_FLAG` set in `env` whose flag is not already given.
-pub fn with_env(
+pub(crate) fn with_env(
     mut args: Vec<String>,
     env_flags: &[(&str, &[(&str, bool)])],
     env: impl Fn(&str) -> Option<String>,
@@ -338,7 +338,7 @@ fn env_var(flag: &str) -> String {
 }
 
 /// Splits repeated and comma-separated values, dropping empty pieces.
-pub fn split_list(values: &[String]) -> Vec<String> {
+pub(crate) fn split_list(values: &[String]) -> Vec<String> {
     values
         .iter()
         .flat_map(|v| v.split(','))
@@ -349,7 +349,7 @@ pub fn split_list(values: &[String]) -> Vec<String> {
 }
 
 /// Checks a required agent id flag.
-pub fn require_agent_id(id: &Option<String>) -> Result<AgentId, ConfigError> {
+pub(crate) fn require_agent_id(id: &Option<String>) -> Result<AgentId, ConfigError> {
     let id = id.as_deref().ok_or(ConfigError::Missing {
         flag: "--id",
         example: None,

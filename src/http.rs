@@ -24,7 +24,7 @@ use crate::transport::{self, Stream};
 use crate::wait::with_timeout;
 
 /// The connection type hyper serves; what an upgrade hands back.
-pub type Io = FuturesIo<Stream>;
+pub(crate) type Io = FuturesIo<Stream>;
 /// Every response body here is a complete buffer.
 pub type Body = Full<Bytes>;
 
@@ -85,12 +85,12 @@ pub async fn serve<H, F>(
 }
 
 /// The WebSocket a `101` answer leads to, once hyper hands the connection over.
-pub type Upgrading =
+pub(crate) type Upgrading =
     std::pin::Pin<Box<dyn Future<Output = Result<transport::WebSocket, UpgradeError>> + Send>>;
 
 /// Why an accepted WebSocket upgrade did not yield a WebSocket.
 #[derive(Debug)]
-pub enum UpgradeError {
+pub(crate) enum UpgradeError {
     /// The client went away (or hyper failed) before the connection was handed over.
     Hyper(hyper::Error),
     /// hyper handed over a connection of another type than [`Io`]: a bug, not input.
@@ -111,7 +111,7 @@ impl std::error::Error for UpgradeError {}
 /// Answers a WebSocket upgrade request: the `101` response to return now, and the
 /// WebSocket to come. A request that is not a version 13 WebSocket upgrade is refused with
 /// the reason, for a `400`.
-pub fn upgrade_websocket(
+pub(crate) fn upgrade_websocket(
     req: &mut Request<Incoming>,
     config: WebSocketConfig,
 ) -> Result<(Response<Body>, Upgrading), &'static str> {

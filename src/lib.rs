@@ -12,8 +12,8 @@
 //! - [`server`]: `dmr-server run` — authenticated sessions relaying through the broker.
 //! - [`agent`]: `dmr-agent run` — local API, sealing, delivery to the local service.
 //! - [`config`]: command-line flags and their `DMR_*` environment variables.
-//! - [`metrics`]: Prometheus metrics of both binaries.
-//! - [`signals`], [`process`]: process plumbing shared by both binaries.
+//! - `metrics`: Prometheus metrics of both binaries.
+//! - `signals`, [`process`]: process plumbing shared by both binaries.
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
 
 #![forbid(unsafe_code)]
@@ -24,11 +24,11 @@ pub mod config;
 pub mod crypto;
 pub mod directory;
 pub mod http;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod server;
-pub mod signals;
+pub(crate) mod signals;
 pub mod sync;
 pub mod transport;
 pub mod wait;

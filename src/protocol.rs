@@ -181,7 +181,7 @@ pub struct Header {
 
 impl Header {
     /// The exact bytes that bind this header to the ciphertext (HPKE `aad`).
-    pub fn aad(&self) -> Vec<u8> {
+    pub(crate) fn aad(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
     }
 }

@@ -34,25 +34,25 @@ use sessions::Sessions;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub amqp_urls: Vec<String>,
-    pub agents_file: Option<PathBuf>,
-    pub centops_url: Option<String>,
-    pub centops_interval: Duration,
-    pub tls: Option<(PathBuf, PathBuf)>,
-    pub topology: Topology,
-    pub max_message_bytes: usize,
-    pub prefetch: u16,
+pub(crate) struct ServerConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) amqp_urls: Vec<String>,
+    pub(crate) agents_file: Option<PathBuf>,
+    pub(crate) centops_url: Option<String>,
+    pub(crate) centops_interval: Duration,
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    pub(crate) topology: Topology,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) prefetch: u16,
     /// How long an agent has to finish the handshake.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// A session with no frame (not even a pong) for this long is dropped.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 impl ServerConfig {
     /// Checks a flag combination and turns it into a configuration.
-    pub fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
+    pub(crate) fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
         let amqp_urls = split_list(std::slice::from_ref(&a.amqp_url));
         if amqp_urls.is_empty() {
             return Err(ConfigError::Empty { flag: "--amqp-url" });
@@ -208,7 +208,10 @@ async fn shutdown(shared: &Shared) {
     // Sessions end once their close frame is written: exiting earlier would reset the
     // sockets and agents would not learn why.
     let limit = Duration::from_secs(10);
-    if with_timeout(limit, shared.outstanding.finished()).await.is_none() {
+    if with_timeout(limit, shared.outstanding.finished())
+        .await
+        .is_none()
+    {
         let left = shared.outstanding.count();
         log::warn!("stopping anyway: {left} sessions or publishes still busy after {limit:?}");
     }

@@ -68,7 +68,7 @@ impl AsyncWrite for Stream {
 }
 
 /// A WebSocket over any [`Stream`].
-pub type WebSocket = WebSocketStream<Stream>;
+pub(crate) type WebSocket = WebSocketStream<Stream>;
 
 /// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
 /// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
@@ -76,7 +76,7 @@ pub type WebSocket = WebSocketStream<Stream>;
 const WS_BUFFER: usize = 8 * 1024;
 
 /// WebSocket limits: a frame may carry one envelope of `max_message_bytes` plus framing.
-pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     let max = max_message_bytes + crate::protocol::FRAME_OVERHEAD;
     WebSocketConfig::default()
         .read_buffer_size(WS_BUFFER)
@@ -217,7 +217,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// A TLS acceptor for `--tls-cert` (PEM chain) and `--tls-key` (PEM private key).
-pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+pub(crate) fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = read_certs("--tls-cert", cert)?;
     let key = read_key(key)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -269,9 +269,9 @@ pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Resu
 }
 
 /// A quiet connection is pinged this often, so both ends can tell a dead peer.
-pub const PING_EVERY: Duration = Duration::from_secs(20);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(20);
 /// A connection with no frame, ping or pong for this long is dropped (three pings missed).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most frames written with one flush: enough to amortise the syscall under load, few
 /// enough that a busy session still flushes often.
@@ -280,7 +280,7 @@ const BATCH: usize = 64;
 /// The single writer of a WebSocket: writes what `out` yields (as `frame` turns it into a
 /// message), pinging when nothing came for [`PING_EVERY`]. Ends `Ok` when `out` is closed
 /// and drained or a close frame was written, `Err` when the socket fails.
-pub async fn write_loop<S, T>(
+pub(crate) async fn write_loop<S, T>(
     tx: &mut async_tungstenite::WebSocketSender<S>,
     out: &async_channel::Receiver<T>,
     mut frame: impl FnMut(T) -> Message,

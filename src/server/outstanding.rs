@@ -62,9 +62,13 @@ mod tests {
         let (a, b) = (work.begin(), work.begin());
         smol::block_on(async {
             let mut waiting = Box::pin(work.finished());
-            assert!(futures_lite::future::poll_once(&mut waiting).await.is_none());
+            assert!(futures_lite::future::poll_once(&mut waiting)
+                .await
+                .is_none());
             drop(a);
-            assert!(futures_lite::future::poll_once(&mut waiting).await.is_none());
+            assert!(futures_lite::future::poll_once(&mut waiting)
+                .await
+                .is_none());
             drop(b);
             waiting.await;
         });

@@ -25,8 +25,8 @@ use crate::crypto::Challenge;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
-use crate::transport::{self, Stream, WebSocket};
 use crate::sync::lock;
+use crate::transport::{self, Stream, WebSocket};
 use crate::wait::{with_timeout, Backoff};
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
