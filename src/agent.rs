@@ -59,17 +59,19 @@ impl AgentConfig {
     /// Checks a flag combination and turns it into a configuration.
     pub fn from_args(a: AgentArgs) -> Result<Self, ConfigError> {
         let id = require_agent_id(&a.id)?;
-        let key_path = a
-            .key
-            .ok_or_else(|| ConfigError("--key (or DMR_KEY) is required".into()))?;
+        let key_path = a.key.ok_or(ConfigError::Missing {
+            flag: "--key",
+            example: None,
+        })?;
         let servers = split_list(&a.server)
             .iter()
             .map(|s| link::ServerUrl::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
-            return Err(ConfigError(
-                "--server (or DMR_SERVER) is required, e.g. ws://127.0.0.1:8075/v1/ws".into(),
-            ));
+            return Err(ConfigError::Missing {
+                flag: "--server",
+                example: Some("ws://127.0.0.1:8075/v1/ws"),
+            });
         }
         let deliver_url = match a.deliver_url {
             None => None,
@@ -79,15 +81,18 @@ impl AgentConfig {
                     .filter(|u| {
                         u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https"))
                     })
-                    .ok_or_else(|| {
-                        ConfigError(format!("--deliver-url {u:?} is not an http(s) URL"))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        flag: "--deliver-url",
+                        value: u.clone(),
+                        why: "not an http(s) URL".into(),
                     })?,
             ),
         };
         if a.max_concurrent_deliveries == 0 {
-            return Err(ConfigError(
-                "--max-concurrent-deliveries must be at least 1".into(),
-            ));
+            return Err(ConfigError::TooSmall {
+                flag: "--max-concurrent-deliveries",
+                min: "1",
+            });
         }
         Ok(Self {
             id,
@@ -150,10 +155,10 @@ impl Agent {
 
 /// `dmr-agent keygen`: writes PREFIX.key (0600) and PREFIX.pub.
 pub fn keygen(args: &KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let out = args
-        .out
-        .as_ref()
-        .ok_or_else(|| ConfigError("--out PREFIX is required".into()))?;
+    let out = args.out.as_ref().ok_or(ConfigError::Missing {
+        flag: "--out",
+        example: Some("--out /etc/dmr/police (writes police.key and police.pub)"),
+    })?;
     let (key, public) = crate::crypto::write_key_pair(out, args.force)
         .map_err(|e| format!("cannot write the key pair: {e}"))?;
     println!(

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::protocol::AgentId;
+use crate::protocol::{AgentId, ProtocolError};
 
 /// `dmr-server`: the stateless relay between DMR agents, backed by RabbitMQ.
 #[derive(FromArgs, Debug)]
@@ -239,7 +239,7 @@ pub fn parse<T: FromArgs>(
 }
 
 /// Appends `--flag value` for each `DMR_FLAG` set in `env` whose flag is not already given.
-pub fn with_env(
+pub(crate) fn with_env(
     mut args: Vec<String>,
     env_flags: &[(&str, &[(&str, bool)])],
     env: impl Fn(&str) -> Option<String>,
@@ -261,8 +261,7 @@ pub fn with_env(
         {
             continue;
         }
-        let var = format!("DMR_{}", flag.replace('-', "_").to_ascii_uppercase());
-        match env(&var) {
+        match env(&env_var(flag)) {
             Some(v) if *is_switch => {
                 if matches!(v.as_str(), "1" | "true" | "yes") {
                     args.push(dashed);
@@ -275,20 +274,83 @@ pub fn with_env(
     args
 }
 
-/// What a flag combination lacks or gets wrong, in words an operator can act on.
+/// What a flag combination lacks or gets wrong, in words an operator can act on. Flags
+/// are named as typed (`--id`); a missing one also names its `DMR_*` variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// A required flag was given neither on the command line nor in the environment.
+    Missing {
+        flag: &'static str,
+        /// An example value, shown after the message.
+        example: Option<&'static str>,
+    },
+    /// Neither of two flags was given, but at least one is needed, for reason `why`.
+    MissingEither {
+        first: &'static str,
+        second: &'static str,
+        why: &'static str,
+    },
+    /// Only one of two flags that only work together was given.
+    Together {
+        first: &'static str,
+        second: &'static str,
+    },
+    /// A flag was given an empty value.
+    Empty { flag: &'static str },
+    /// A flag's value cannot be used, for reason `why`.
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    /// `--id` is not a valid agent id (the error quotes the value).
+    AgentId(ProtocolError),
+    /// A number below the smallest value that works (`min` says it with its unit).
+    TooSmall {
+        flag: &'static str,
+        min: &'static str,
+    },
+}
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::Missing { flag, example } => {
+                let var = env_var(flag.trim_start_matches('-'));
+                write!(f, "{flag} (or {var}) is required")?;
+                match example {
+                    Some(example) => write!(f, ", e.g. {example}"),
+                    None => Ok(()),
+                }
+            }
+            Self::MissingEither { first, second, why } => {
+                write!(f, "give {first} or {second} (or both): {why}")
+            }
+            Self::Together { first, second } => write!(f, "{first} and {second} go together"),
+            Self::Empty { flag } => write!(f, "{flag} is empty"),
+            Self::Invalid { flag, value, why } => write!(f, "{flag} {value:?}: {why}"),
+            Self::AgentId(e) => write!(f, "--id: {e}"),
+            Self::TooSmall { flag, min } => write!(f, "{flag} must be at least {min}"),
+        }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::AgentId(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The environment variable of `flag` (given without dashes): `agents-file` → `DMR_AGENTS_FILE`.
+fn env_var(flag: &str) -> String {
+    format!("DMR_{}", flag.replace('-', "_").to_ascii_uppercase())
+}
 
 /// Splits repeated and comma-separated values, dropping empty pieces.
-pub fn split_list(values: &[String]) -> Vec<String> {
+pub(crate) fn split_list(values: &[String]) -> Vec<String> {
     values
         .iter()
         .flat_map(|v| v.split(','))
@@ -299,11 +361,12 @@ pub fn split_list(values: &[String]) -> Vec<String> {
 }
 
 /// Checks a required agent id flag.
-pub fn require_agent_id(id: &Option<String>) -> Result<AgentId, ConfigError> {
-    let id = id
-        .as_deref()
-        .ok_or_else(|| ConfigError("--id (or DMR_ID) is required".into()))?;
-    AgentId::new(id).map_err(|e| ConfigError(format!("--id: {e}")))
+pub(crate) fn require_agent_id(id: &Option<String>) -> Result<AgentId, ConfigError> {
+    let id = id.as_deref().ok_or(ConfigError::Missing {
+        flag: "--id",
+        example: None,
+    })?;
+    AgentId::new(id).map_err(ConfigError::AgentId)
 }
 
 #[cfg(test)]

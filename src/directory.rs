@@ -126,7 +126,7 @@ impl Directory {
     }
 
     /// Builds a directory from already validated agents (later duplicates win).
-    pub fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
+    pub(crate) fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
         Self {
             agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
         }

@@ -24,7 +24,7 @@ use crate::transport::{self, Stream};
 use crate::wait::with_timeout;
 
 /// The connection type hyper serves; what an upgrade hands back.
-pub type Io = FuturesIo<Stream>;
+pub(crate) type Io = FuturesIo<Stream>;
 /// Every response body here is a complete buffer.
 pub type Body = Full<Bytes>;
 
@@ -85,13 +85,33 @@ pub async fn serve<H, F>(
 }
 
 /// The WebSocket a `101` answer leads to, once hyper hands the connection over.
-pub type Upgrading =
-    std::pin::Pin<Box<dyn Future<Output = Result<transport::WebSocket, String>> + Send>>;
+pub(crate) type Upgrading =
+    std::pin::Pin<Box<dyn Future<Output = Result<transport::WebSocket, UpgradeError>> + Send>>;
+
+/// Why an accepted WebSocket upgrade did not yield a WebSocket.
+#[derive(Debug)]
+pub(crate) enum UpgradeError {
+    /// The client went away (or hyper failed) before the connection was handed over.
+    Hyper(hyper::Error),
+    /// hyper handed over a connection of another type than [`Io`]: a bug, not input.
+    ConnectionType,
+}
+
+impl std::fmt::Display for UpgradeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hyper(e) => e.fmt(f),
+            Self::ConnectionType => f.write_str("unexpected connection type"),
+        }
+    }
+}
+
+impl std::error::Error for UpgradeError {}
 
 /// Answers a WebSocket upgrade request: the `101` response to return now, and the
 /// WebSocket to come. A request that is not a version 13 WebSocket upgrade is refused with
 /// the reason, for a `400`.
-pub fn upgrade_websocket(
+pub(crate) fn upgrade_websocket(
     req: &mut Request<Incoming>,
     config: WebSocketConfig,
 ) -> Result<(Response<Body>, Upgrading), &'static str> {
@@ -112,10 +132,10 @@ pub fn upgrade_websocket(
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(req);
     let websocket = Box::pin(async move {
-        let upgraded = on_upgrade.await.map_err(|e| e.to_string())?;
+        let upgraded = on_upgrade.await.map_err(UpgradeError::Hyper)?;
         let parts = upgraded
             .downcast::<Io>()
-            .map_err(|_| "unexpected connection type")?;
+            .map_err(|_| UpgradeError::ConnectionType)?;
         // Bytes hyper read past the request already belong to the WebSocket.
         let stream = parts.io.into_inner();
         let read = parts.read_buf.to_vec();
@@ -167,31 +187,106 @@ pub fn text(
     r
 }
 
-/// Reads a request body of at most `max` bytes; `Err(true)` when it was too large. A body
-/// whose `Content-Length` is already over `max` is refused before any of it is read.
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, bool> {
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The body is longer than `limit` bytes (known from `Content-Length` or while reading).
+    TooLarge { limit: usize },
+    /// The connection failed or the client stopped sending halfway.
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge { limit } => write!(f, "request body over {limit} bytes"),
+            Self::Read(e) => write!(f, "could not read the request body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::TooLarge { .. } => None,
+            Self::Read(e) => Some(e.as_ref()),
+        }
+    }
+}
+
+/// Reads a request body of at most `max` bytes. A body whose `Content-Length` is already
+/// over `max` is refused before any of it is read.
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, BodyError> {
+    let too_large = BodyError::TooLarge { limit: max };
     if hyper::body::Body::size_hint(&body).lower() > max as u64 {
-        return Err(true);
+        return Err(too_large);
     }
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(e
-            .downcast_ref::<http_body_util::LengthLimitError>()
-            .is_some()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large),
+        Err(e) => Err(BodyError::Read(e)),
     }
 }
 
 /// Why an outgoing HTTP request failed before a status came back.
 #[derive(Debug)]
-pub struct ClientError(pub String);
+pub enum ClientError {
+    /// The URL names no host to connect to.
+    NoHost { url: hyper::Uri },
+    /// The URL's host cannot go into a `Host` header.
+    BadHost { url: hyper::Uri },
+    /// TLS for `https://` could not be set up.
+    Tls(transport::TlsError),
+    /// No TCP (or TLS) connection to the host.
+    Connect {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    /// The host accepted the connection but the HTTP/1.1 handshake failed.
+    Handshake {
+        host: String,
+        port: u16,
+        source: hyper::Error,
+    },
+    /// Sending the request failed.
+    Request(hyper::Error),
+    /// The answer's body could not be read.
+    Answer(hyper::Error),
+    /// No complete answer within the limit.
+    Timeout(Duration),
+}
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::NoHost { url } => write!(f, "URL {url} has no host"),
+            Self::BadHost { url } => write!(f, "bad host in {url}"),
+            Self::Tls(e) => e.fmt(f),
+            Self::Connect { host, port, source } => {
+                write!(f, "cannot connect to {host}:{port}: {source}")
+            }
+            Self::Handshake { host, port, source } => {
+                write!(f, "HTTP handshake with {host}:{port}: {source}")
+            }
+            Self::Request(e) => write!(f, "request failed: {e}"),
+            Self::Answer(e) => write!(f, "reading the answer: {e}"),
+            Self::Timeout(limit) => write!(f, "no answer within {limit:?}"),
+        }
     }
 }
 
-impl std::error::Error for ClientError {}
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Tls(e) => Some(e),
+            Self::Connect { source, .. } => Some(source),
+            Self::Handshake { source, .. } => Some(source),
+            Self::Request(e) | Self::Answer(e) => Some(e),
+            Self::NoHost { .. } | Self::BadHost { .. } | Self::Timeout(_) => None,
+        }
+    }
+}
 
 /// One HTTP/1.1 request on a fresh connection, bounded by `timeout` as a whole.
 /// `https://` uses `tls` (or the web PKI roots when it is `None`).
@@ -234,14 +329,14 @@ impl Client {
     ) -> Result<(StatusCode, Bytes), ClientError> {
         with_timeout(timeout, self.send(req))
             .await
-            .unwrap_or_else(|| Err(ClientError(format!("no answer within {timeout:?}"))))
+            .unwrap_or_else(|| Err(ClientError::Timeout(timeout)))
     }
 
     async fn send(&self, mut req: Request<Body>) -> Result<(StatusCode, Bytes), ClientError> {
         let uri = req.uri().clone();
         let authority = uri
             .authority()
-            .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?
+            .ok_or_else(|| ClientError::NoHost { url: uri.clone() })?
             .as_str()
             .to_owned();
         let key = format!("{}://{authority}", uri.scheme_str().unwrap_or("http"));
@@ -249,13 +344,13 @@ impl Client {
             hyper::header::HOST,
             authority
                 .parse()
-                .map_err(|_| ClientError(format!("bad host in {uri}")))?,
+                .map_err(|_| ClientError::BadHost { url: uri.clone() })?,
         );
+        // HTTP/1.1 sends the origin form (path and query); the host went into `Host`.
         *req.uri_mut() = uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .expect("path");
+            .cloned()
+            .map_or_else(|| hyper::Uri::from_static("/"), hyper::Uri::from);
         if let Some((mut conn, task)) = self.take_idle(&key) {
             // A kept connection the peer closed meanwhile fails at once; only then retry fresh.
             if conn.ready().await.is_ok() {
@@ -272,7 +367,7 @@ impl Client {
     }
 
     fn take_idle(&self, key: &str) -> Option<Kept> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = crate::sync::lock(&self.idle);
         let conns = idle.get_mut(key)?;
         while let Some((conn, task)) = conns.pop() {
             if !conn.is_closed() {
@@ -284,7 +379,7 @@ impl Client {
 
     fn keep<T>(&self, key: String, conn: Conn, task: smol::Task<()>, result: T) -> T {
         if !conn.is_closed() {
-            let mut idle = self.idle.lock().expect("pool lock");
+            let mut idle = crate::sync::lock(&self.idle);
             let conns = idle.entry(key).or_default();
             if conns.len() < IDLE_PER_HOST {
                 conns.push((conn, task));
@@ -296,7 +391,7 @@ impl Client {
     async fn connect(&self, uri: &hyper::Uri) -> Result<Kept, ClientError> {
         let host = uri
             .host()
-            .ok_or_else(|| ClientError(format!("URL {uri} has no host")))?;
+            .ok_or_else(|| ClientError::NoHost { url: uri.clone() })?;
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let default_tls;
@@ -304,17 +399,26 @@ impl Client {
             (false, _) => None,
             (true, Some(t)) => Some(t),
             (true, None) => {
-                default_tls = transport::client_tls(None).map_err(|e| ClientError(e.0))?;
+                default_tls = transport::client_tls(None).map_err(ClientError::Tls)?;
                 Some(&default_tls)
             }
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let stream = transport::dial(host, port, tls)
-            .await
-            .map_err(|e| ClientError(format!("cannot connect to {host}:{port}: {e}")))?;
+        let stream =
+            transport::dial(host, port, tls)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    host: host.to_owned(),
+                    port,
+                    source,
+                })?;
         let (conn, driver) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
-            .map_err(|e| ClientError(format!("HTTP handshake with {host}:{port}: {e}")))?;
+            .map_err(|source| ClientError::Handshake {
+                host: host.to_owned(),
+                port,
+                source,
+            })?;
         let task = smol::spawn(async move {
             let _ = driver.await;
         });
@@ -331,16 +435,13 @@ fn clone_request(req: &Request<Body>) -> Request<Body> {
 }
 
 async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, Bytes), ClientError> {
-    let resp = conn
-        .send_request(req)
-        .await
-        .map_err(|e| ClientError(format!("request failed: {e}")))?;
+    let resp = conn.send_request(req).await.map_err(ClientError::Request)?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| ClientError(format!("reading the answer: {e}")))?
+        .map_err(ClientError::Answer)?
         .to_bytes();
     Ok((status, body))
 }

@@ -12,9 +12,11 @@
 //! - [`server`]: `dmr-server run` — authenticated sessions relaying through the broker.
 //! - [`agent`]: `dmr-agent run` — local API, sealing, delivery to the local service.
 //! - [`config`]: command-line flags and their `DMR_*` environment variables.
-//! - [`metrics`]: Prometheus metrics of both binaries.
-//! - [`signals`], [`process`]: process plumbing shared by both binaries.
+//! - `metrics`: Prometheus metrics of both binaries.
+//! - `signals`, [`process`]: process plumbing shared by both binaries.
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
+
+#![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod broker;
@@ -26,7 +28,7 @@ pub mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod server;
-pub mod signals;
+pub(crate) mod signals;
 pub mod sync;
 pub mod transport;
 pub mod wait;

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// A counter split by one label.
-pub type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
+pub(crate) type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
 
 fn latency() -> Histogram {
     // 100 µs … ~13 s
@@ -19,21 +19,21 @@ fn latency() -> Histogram {
 }
 
 /// Metrics of one `dmr-server` process.
-pub struct ServerMetrics {
+pub(crate) struct ServerMetrics {
     registry: Registry,
-    pub sessions: Gauge,
-    pub handshakes: Labeled,
-    pub frames_in: Counter,
-    pub frames_out: Counter,
-    pub accepted: Counter,
-    pub rejected: Labeled,
-    pub deliveries: Counter,
-    pub acks: Counter,
-    pub nacks: Counter,
-    pub confirm_seconds: Histogram,
-    pub rabbitmq_connected: Gauge,
-    pub directory_agents: Gauge,
-    pub directory_reloads: Labeled,
+    pub(crate) sessions: Gauge,
+    pub(crate) handshakes: Labeled,
+    pub(crate) frames_in: Counter,
+    pub(crate) frames_out: Counter,
+    pub(crate) accepted: Counter,
+    pub(crate) rejected: Labeled,
+    pub(crate) deliveries: Counter,
+    pub(crate) acks: Counter,
+    pub(crate) nacks: Counter,
+    pub(crate) confirm_seconds: Histogram,
+    pub(crate) rabbitmq_connected: Gauge,
+    pub(crate) directory_agents: Gauge,
+    pub(crate) directory_reloads: Labeled,
 }
 
 impl Default for ServerMetrics {
@@ -106,28 +106,28 @@ impl Default for ServerMetrics {
 
 impl ServerMetrics {
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         render(&self.registry)
     }
 }
 
 /// Metrics of one `dmr-agent` process.
-pub struct AgentMetrics {
+pub(crate) struct AgentMetrics {
     registry: Registry,
-    pub connected: Gauge,
-    pub reconnects: Counter,
-    pub sent: Counter,
-    pub accepted: Counter,
-    pub rejected: Labeled,
-    pub delivered: Counter,
-    pub duplicates: Counter,
-    pub stale: Counter,
-    pub webhook_failures: Counter,
-    pub webhook_up: Gauge,
-    pub dead_lettered: Counter,
-    pub decrypt_failures: Counter,
-    pub send_seconds: Histogram,
-    pub delivery_seconds: Histogram,
+    pub(crate) connected: Gauge,
+    pub(crate) reconnects: Counter,
+    pub(crate) sent: Counter,
+    pub(crate) accepted: Counter,
+    pub(crate) rejected: Labeled,
+    pub(crate) delivered: Counter,
+    pub(crate) duplicates: Counter,
+    pub(crate) stale: Counter,
+    pub(crate) webhook_failures: Counter,
+    pub(crate) webhook_up: Gauge,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) decrypt_failures: Counter,
+    pub(crate) send_seconds: Histogram,
+    pub(crate) delivery_seconds: Histogram,
 }
 
 impl Default for AgentMetrics {
@@ -223,7 +223,7 @@ impl Default for AgentMetrics {
 
 impl AgentMetrics {
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         render(&self.registry)
     }
 }
@@ -235,4 +235,21 @@ fn render(registry: &Registry) -> String {
 }
 
 /// The content type Prometheus expects for [`ServerMetrics::render`].
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Both binaries' metrics as Prometheus text, with every labelled family given one sample
+/// so that every series name shows: the names dashboards and alert rules may refer to.
+#[cfg(feature = "test-support")]
+pub fn exposition_of_every_metric() -> String {
+    let server = ServerMetrics::default();
+    for family in [
+        &server.handshakes,
+        &server.rejected,
+        &server.directory_reloads,
+    ] {
+        family.get_or_create(&[("test", "test")]).inc();
+    }
+    let agent = AgentMetrics::default();
+    agent.rejected.get_or_create(&[("test", "test")]).inc();
+    server.render() + &agent.render()
+}

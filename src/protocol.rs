@@ -181,7 +181,7 @@ pub struct Header {
 
 impl Header {
     /// The exact bytes that bind this header to the ciphertext (HPKE `aad`).
-    pub fn aad(&self) -> Vec<u8> {
+    pub(crate) fn aad(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
     }
 }
@@ -232,8 +232,8 @@ impl Envelope {
         postcard::experimental::serialized_size(self).unwrap_or(usize::MAX)
     }
 
-    #[doc(hidden)]
     /// For tests that play a hostile peer: change any part of a sealed envelope.
+    #[cfg(feature = "test-support")]
     pub fn tamper(&mut self) -> (&mut Header, &mut [u8; 32], &mut Vec<u8>) {
         (&mut self.header, &mut self.enc, &mut self.ciphertext)
     }

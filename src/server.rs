@@ -5,13 +5,14 @@
 //! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
 //! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
 
+mod outstanding;
 mod session;
 mod sessions;
 mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,64 +27,73 @@ use crate::metrics::ServerMetrics;
 use crate::protocol::Limits;
 use crate::signals::{self, Signal};
 use crate::transport;
+use crate::wait::with_timeout;
 
-pub use sessions::Sessions;
+use outstanding::Outstanding;
+use sessions::Sessions;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub amqp_urls: Vec<String>,
-    pub agents_file: Option<PathBuf>,
-    pub centops_url: Option<String>,
-    pub centops_interval: Duration,
-    pub tls: Option<(PathBuf, PathBuf)>,
-    pub topology: Topology,
-    pub max_message_bytes: usize,
-    pub prefetch: u16,
+pub(crate) struct ServerConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) amqp_urls: Vec<String>,
+    pub(crate) agents_file: Option<PathBuf>,
+    pub(crate) centops_url: Option<String>,
+    pub(crate) centops_interval: Duration,
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    pub(crate) topology: Topology,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) prefetch: u16,
     /// How long an agent has to finish the handshake.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// A session with no frame (not even a pong) for this long is dropped.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 impl ServerConfig {
     /// Checks a flag combination and turns it into a configuration.
-    pub fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
+    pub(crate) fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
         let amqp_urls = split_list(std::slice::from_ref(&a.amqp_url));
         if amqp_urls.is_empty() {
-            return Err(ConfigError("--amqp-url is empty".into()));
+            return Err(ConfigError::Empty { flag: "--amqp-url" });
         }
         if a.agents_file.is_none() && a.centops_url.is_none() {
-            return Err(ConfigError("give --agents-file or --centops-url (or both): the server needs the agent directory".into()));
+            return Err(ConfigError::MissingEither {
+                first: "--agents-file",
+                second: "--centops-url",
+                why: "the server needs the agent directory",
+            });
         }
         if let Some(u) = &a.centops_url {
             u.parse::<hyper::Uri>()
                 .ok()
                 .filter(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")))
-                .ok_or_else(|| ConfigError(format!("--centops-url {u:?} is not an http(s) URL")))?;
+                .ok_or_else(|| ConfigError::Invalid {
+                    flag: "--centops-url",
+                    value: u.clone(),
+                    why: "not an http(s) URL".into(),
+                })?;
         }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+            _ => {
+                return Err(ConfigError::Together {
+                    first: "--tls-cert",
+                    second: "--tls-key",
+                })
+            }
         };
-        if a.message_ttl == 0
-            || a.delivery_limit == 0
-            || a.max_message_bytes == 0
-            || a.prefetch == 0
-        {
-            return Err(ConfigError("--message-ttl, --delivery-limit, --max-message-bytes and --prefetch must be above 0".into()));
-        }
-        if a.handshake_timeout == 0 {
-            return Err(ConfigError(
-                "--handshake-timeout must be at least 1 second".into(),
-            ));
-        }
-        if a.centops_interval == 0 {
-            return Err(ConfigError(
-                "--centops-interval must be at least 1 second".into(),
-            ));
+        let at_least_one = [
+            ("--message-ttl", a.message_ttl, "1 second"),
+            ("--delivery-limit", a.delivery_limit.into(), "1"),
+            ("--max-message-bytes", a.max_message_bytes.into(), "1"),
+            ("--prefetch", a.prefetch.into(), "1"),
+            ("--handshake-timeout", a.handshake_timeout, "1 second"),
+            ("--centops-interval", a.centops_interval, "1 second"),
+        ];
+        if let Some(&(flag, _, min)) = at_least_one.iter().find(|(_, v, _)| *v == 0) {
+            return Err(ConfigError::TooSmall { flag, min });
         }
         Ok(Self {
             listen: a.listen,
@@ -120,14 +130,14 @@ pub(crate) struct Shared {
     sessions: Sessions,
     broker: Broker,
     metrics: ServerMetrics,
-    /// Publishes awaiting a confirm; shutdown waits for them.
-    in_flight: AtomicU64,
+    /// Open sessions and publishes awaiting a confirm; shutdown waits for them.
+    outstanding: Outstanding,
     stopping: AtomicBool,
 }
 
 impl Shared {
     fn directory(&self) -> Arc<Directory> {
-        self.directory.read().expect("directory lock").clone()
+        crate::sync::read(&self.directory).clone()
     }
 
     /// Ready = RabbitMQ connected, a directory loaded, and not stopping.
@@ -163,7 +173,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             directory_loaded: AtomicBool::new(false),
             sessions: Sessions::default(),
             metrics: ServerMetrics::default(),
-            in_flight: AtomicU64::new(0),
+            outstanding: Outstanding::default(),
             stopping: AtomicBool::new(false),
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
@@ -195,12 +205,15 @@ async fn shutdown(shared: &Shared) {
     log::info!("stopping: closing {} sessions", shared.sessions.len());
     shared.stopping.store(true, Ordering::SeqCst);
     shared.sessions.close_all("server shutting down");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    // Sessions leave the registry once their close frame is written: exiting earlier
-    // would reset the sockets and agents would not learn why.
-    let busy = || shared.in_flight.load(Ordering::SeqCst) > 0 || !shared.sessions.is_empty();
-    while busy() && std::time::Instant::now() < deadline {
-        smol::Timer::after(Duration::from_millis(20)).await;
+    // Sessions end once their close frame is written: exiting earlier would reset the
+    // sockets and agents would not learn why.
+    let limit = Duration::from_secs(10);
+    if with_timeout(limit, shared.outstanding.finished())
+        .await
+        .is_none()
+    {
+        let left = shared.outstanding.count();
+        log::warn!("stopping anyway: {left} sessions or publishes still busy after {limit:?}");
     }
     shared.broker.close().await;
     log::info!("stopped");

@@ -5,13 +5,13 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// What the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
+pub(crate) enum Signal {
     Reload,
     Terminate,
 }
 
 /// Starts a thread that turns signals into [`Signal`]s on the returned channel.
-pub fn listen() -> std::io::Result<async_channel::Receiver<Signal>> {
+pub(crate) fn listen() -> std::io::Result<async_channel::Receiver<Signal>> {
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
     let (tx, rx) = async_channel::unbounded();
     std::thread::Builder::new()

@@ -6,7 +6,7 @@
 //! alike.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,6 +18,8 @@ use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::rustls;
 use futures_rustls::{TlsAcceptor, TlsConnector};
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use smol::net::TcpStream;
 
 /// A connection, with or without TLS.
@@ -66,7 +68,7 @@ impl AsyncWrite for Stream {
 }
 
 /// A WebSocket over any [`Stream`].
-pub type WebSocket = WebSocketStream<Stream>;
+pub(crate) type WebSocket = WebSocketStream<Stream>;
 
 /// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
 /// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
@@ -74,7 +76,7 @@ pub type WebSocket = WebSocketStream<Stream>;
 const WS_BUFFER: usize = 8 * 1024;
 
 /// WebSocket limits: a frame may carry one envelope of `max_message_bytes` plus framing.
-pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     let max = max_message_bytes + crate::protocol::FRAME_OVERHEAD;
     WebSocketConfig::default()
         .read_buffer_size(WS_BUFFER)
@@ -83,49 +85,147 @@ pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
-/// Why TLS could not be set up.
+/// Why TLS could not be set up: each variant names the flag and file to fix.
 #[derive(Debug)]
-pub struct TlsError(pub String);
+pub enum TlsError {
+    /// The file a flag names could not be read.
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The file is not well-formed PEM.
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        source: pem::Error,
+    },
+    /// The file holds no `CERTIFICATE` section.
+    NoCertificate { flag: &'static str, path: PathBuf },
+    /// The `--tls-key` file holds no private key section.
+    NoPrivateKey { path: PathBuf },
+    /// A `--ca-file` certificate cannot serve as a trust anchor.
+    BadCaCertificate {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    /// The certificate chain and the private key do not belong together.
+    KeyMismatch(rustls::Error),
+    /// The crypto provider offers no safe protocol version (a build problem, not input).
+    Provider(rustls::Error),
+}
 
 impl std::fmt::Display for TlsError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::Read { flag, path, source } => {
+                write!(f, "cannot read {flag} {}: {source}", path.display())
+            }
+            Self::Pem { flag, path, source } => {
+                write!(f, "{flag} {}: {}", path.display(), describe_pem(source))
+            }
+            Self::NoCertificate { flag, path } => {
+                write!(f, "{flag} {}: no CERTIFICATE in the file", path.display())
+            }
+            Self::NoPrivateKey { path } => {
+                write!(
+                    f,
+                    "--tls-key {}: no private key in the file",
+                    path.display()
+                )
+            }
+            Self::BadCaCertificate { path, source } => {
+                write!(f, "--ca-file {}: {source}", path.display())
+            }
+            Self::KeyMismatch(e) => {
+                write!(f, "TLS certificate and key do not work together: {e}")
+            }
+            Self::Provider(e) => write!(f, "TLS cannot be set up: {e}"),
+        }
     }
 }
 
-impl std::error::Error for TlsError {}
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            Self::Pem { source, .. } => Some(source),
+            Self::BadCaCertificate { source, .. } => Some(source),
+            Self::KeyMismatch(e) | Self::Provider(e) => Some(e),
+            Self::NoCertificate { .. } | Self::NoPrivateKey { .. } => None,
+        }
+    }
+}
+
+/// pki-types shows the offending PEM line as a byte list; an operator needs the text.
+fn describe_pem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "the {} section has no END line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line {:?}", String::from_utf8_lossy(line))
+        }
+        e => e.to_string(),
+    }
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_pem_items(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))
+/// The bytes of the file `flag` names.
+fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every `CERTIFICATE` in the file `flag` names; at least one.
+fn read_certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&read_pem(flag, path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            flag,
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            flag,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in the `--tls-key` file.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(&read_pem("--tls-key", path)?).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: path.to_owned(),
+        },
+        source => TlsError::Pem {
+            flag: "--tls-key",
+            path: path.to_owned(),
+            source,
+        },
+    })
 }
 
 /// A TLS acceptor for `--tls-cert` (PEM chain) and `--tls-key` (PEM private key).
-pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let certs = rustls_pemfile::certs(&mut &read_pem_items(cert, "--tls-cert")?[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError(format!("--tls-cert {}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(TlsError(format!(
-            "--tls-cert {}: no CERTIFICATE in the file",
-            cert.display()
-        )));
-    }
-    let key = rustls_pemfile::private_key(&mut &read_pem_items(key, "--tls-key")?[..])
-        .map_err(|e| TlsError(format!("--tls-key {}: {e}", key.display())))?
-        .ok_or_else(|| {
-            TlsError(format!(
-                "--tls-key {}: no private key in the file",
-                key.display()
-            ))
-        })?;
+pub(crate) fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs = read_certs("--tls-cert", cert)?;
+    let key = read_key(key)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| TlsError(format!("TLS certificate and key do not work together: {e}")))?;
+        .map_err(TlsError::Provider)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::KeyMismatch)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -134,26 +234,20 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = read_pem_items(path, "--ca-file")?;
-            for cert in rustls_pemfile::certs(&mut &pem[..]) {
-                let cert =
-                    cert.map_err(|e| TlsError(format!("--ca-file {}: {e}", path.display())))?;
+            for cert in read_certs("--ca-file", path)? {
                 roots
                     .add(cert)
-                    .map_err(|e| TlsError(format!("--ca-file {}: {e}", path.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError(format!(
-                    "--ca-file {}: no CERTIFICATE in the file",
-                    path.display()
-                )));
+                    .map_err(|source| TlsError::BadCaCertificate {
+                        path: path.to_owned(),
+                        source,
+                    })?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError(e.to_string()))?
+        .map_err(TlsError::Provider)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
@@ -175,9 +269,9 @@ pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Resu
 }
 
 /// A quiet connection is pinged this often, so both ends can tell a dead peer.
-pub const PING_EVERY: Duration = Duration::from_secs(20);
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(20);
 /// A connection with no frame, ping or pong for this long is dropped (three pings missed).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most frames written with one flush: enough to amortise the syscall under load, few
 /// enough that a busy session still flushes often.
@@ -186,7 +280,7 @@ const BATCH: usize = 64;
 /// The single writer of a WebSocket: writes what `out` yields (as `frame` turns it into a
 /// message), pinging when nothing came for [`PING_EVERY`]. Ends `Ok` when `out` is closed
 /// and drained or a close frame was written, `Err` when the socket fails.
-pub async fn write_loop<S, T>(
+pub(crate) async fn write_loop<S, T>(
     tx: &mut async_tungstenite::WebSocketSender<S>,
     out: &async_channel::Receiver<T>,
     mut frame: impl FnMut(T) -> Message,

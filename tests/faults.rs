@@ -422,7 +422,7 @@ fn post_message(api: SocketAddr, body: &str) -> Result<u16, String> {
         .unwrap();
     smol::block_on(dmr::http::request(req, None, REQUEST_TIMEOUT))
         .map(|(status, _)| status.as_u16())
-        .map_err(|e| e.0)
+        .map_err(|e| e.to_string())
 }
 
 /// Sends message `n` until a 202, with the same id every time, for at most [`GIVE_UP`].

@@ -121,13 +121,13 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     let read = http::read_body(req.into_body(), max + 64 * 1024);
     let body = match crate::wait::with_timeout(BODY_TIMEOUT, read).await {
         Some(Ok(b)) => b,
-        Some(Err(true)) => {
+        Some(Err(http::BodyError::TooLarge { .. })) => {
             return http::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body over {max} bytes"),
             )
         }
-        Some(Err(false)) => {
+        Some(Err(http::BodyError::Read(_))) => {
             return http::error(StatusCode::BAD_REQUEST, "could not read the request body")
         }
         None => {

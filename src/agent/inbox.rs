@@ -78,7 +78,11 @@ pub(super) async fn handle(
     let answer = match process(&agent, &envelope, &url).await {
         Ok(()) => ClientFrame::Ack { delivery },
         Err(e) => {
-            log::warn!("message {} from {} cannot be delivered, dead-lettering it: {e}", h.id, h.sender);
+            log::warn!(
+                "message {} from {} cannot be delivered, dead-lettering it: {e}",
+                h.id,
+                h.sender
+            );
             agent.metrics.dead_lettered.inc();
             let reason = e.to_string();
             ClientFrame::Nack { delivery, reason }
@@ -91,7 +95,11 @@ pub(super) async fn handle(
     }
 }
 
-async fn process(agent: &Agent, envelope: &Envelope, url: &hyper::Uri) -> Result<(), DeliveryError> {
+async fn process(
+    agent: &Agent,
+    envelope: &Envelope,
+    url: &hyper::Uri,
+) -> Result<(), DeliveryError> {
     let h = envelope.header();
     if h.recipient != agent.config.id {
         return Err(DeliveryError::NotForMe(h.recipient.clone()));
@@ -105,7 +113,9 @@ async fn process(agent: &Agent, envelope: &Envelope, url: &hyper::Uri) -> Result
         return Ok(());
     }
     let result = open_and_post(agent, envelope, url).await;
-    let keep_until = h.created_at_ms.saturating_add(ttl.saturating_add(2 * CLOCK_SKEW_MS));
+    let keep_until = h
+        .created_at_ms
+        .saturating_add(ttl.saturating_add(2 * CLOCK_SKEW_MS));
     lock(&agent.replay).finish(h.id, result.is_ok(), keep_until);
     result
 }

@@ -39,10 +39,10 @@ pub struct ServerUrl {
 
 impl ServerUrl {
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let bad = |why: &str| {
-            ConfigError(format!(
-                "--server {s:?}: {why} (expected ws://host:port/v1/ws or wss://…)"
-            ))
+        let bad = |why: &str| ConfigError::Invalid {
+            flag: "--server",
+            value: s.to_owned(),
+            why: format!("{why} (expected ws://host:port/v1/ws or wss://…)"),
         };
         let uri: hyper::Uri = s.parse().map_err(|_| bad("not a URL"))?;
         let tls = match uri.scheme_str() {

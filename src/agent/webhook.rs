@@ -96,7 +96,10 @@ impl Health {
             state.recovered = Some(tx);
             state.waiters = Some(rx);
         }
-        state.down = Some((state.down.as_ref().map_or_else(Instant::now, |d| d.0), error.to_string()));
+        state.down = Some((
+            state.down.as_ref().map_or_else(Instant::now, |d| d.0),
+            error.to_string(),
+        ));
         Recovery(state.waiters.clone())
     }
 
@@ -104,7 +107,10 @@ impl Health {
     fn succeeded(&self, url: &hyper::Uri, metrics: &AgentMetrics) {
         let mut state = lock(&self.state);
         if let Some((since, _)) = state.down.take() {
-            log::info!("local service at {url} answers again after {:.1} s; delivering held messages", since.elapsed().as_secs_f64());
+            log::info!(
+                "local service at {url} answers again after {:.1} s; delivering held messages",
+                since.elapsed().as_secs_f64()
+            );
             metrics.webhook_up.set(1);
             state.recovered = None;
             state.waiters = None;
@@ -217,7 +223,9 @@ mod tests {
         assert!(health.outage().is_none());
         smol::block_on(async {
             let both = futures_lite::future::zip(first.wait(), second.wait());
-            assert!(crate::wait::with_timeout(Duration::from_secs(1), both).await.is_some());
+            assert!(crate::wait::with_timeout(Duration::from_secs(1), both)
+                .await
+                .is_some());
         });
     }
 }

@@ -25,14 +25,19 @@ use crate::crypto::Challenge;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
+use crate::sync::lock;
 use crate::transport::{self, Stream, WebSocket};
-use crate::wait::with_timeout;
+use crate::wait::{with_timeout, Backoff};
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
 
 /// Publishes one session may have waiting for RabbitMQ confirms at once.
 const MAX_PENDING_SENDS: usize = 256;
+
+/// Waits between attempts to consume the agent's queue while they fail.
+const CONSUME_RETRY_MIN: Duration = Duration::from_millis(200);
+const CONSUME_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Why a handshake was refused: a metric label and the close reason the agent sees.
 struct Refusal {
@@ -61,6 +66,8 @@ pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
         .handshakes
         .get_or_create(&[("result", "ok")])
         .inc();
+    // Counted until the session has ended, close frame written: shutdown waits for that.
+    let _busy = shared.outstanding.begin();
     let (session, events) = shared.sessions.register(&agent);
     shared.metrics.sessions.inc();
     log::info!("agent {agent} connected from {peer}");
@@ -166,8 +173,8 @@ struct Inflight {
 
 impl Inflight {
     fn lookup(&self, delivery: u64) -> Option<(u64, Arc<Consumer>)> {
-        let (generation, tag) = self.tags.lock().expect("tags lock").remove(&delivery)?;
-        let consumer = self.consumer.lock().expect("consumer lock");
+        let (generation, tag) = lock(&self.tags).remove(&delivery)?;
+        let consumer = lock(&self.consumer);
         match &*consumer {
             Some((g, c)) if *g == generation => Some((tag, c.clone())),
             // That consumer is gone, so RabbitMQ has already put the message back.
@@ -221,7 +228,7 @@ async fn serve(
     let _ = with_timeout(Duration::from_secs(1), close).await;
     out.close();
     let _ = with_timeout(Duration::from_secs(2), writer).await;
-    let consumer = inflight.consumer.lock().expect("consumer lock").take();
+    let consumer = lock(&inflight.consumer).take();
     // The pump is cancelled, so this is the last handle; dropping any other still closes.
     if let Some(consumer) = consumer.and_then(|(_, c)| Arc::try_unwrap(c).ok()) {
         consumer.close().await;
@@ -364,10 +371,10 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             format!("envelope of {} bytes exceeds {max}", body.len()),
         );
     }
-    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let confirming = shared.outstanding.begin();
     let started = Instant::now();
     let result = shared.broker.publish(h, body).await;
-    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    drop(confirming);
     match result {
         Ok(()) => {
             shared
@@ -394,18 +401,21 @@ async fn pump(
     out: async_channel::Sender<Message>,
 ) {
     let max = shared.config.max_message_bytes + FRAME_OVERHEAD;
+    let mut retry = Backoff::new(CONSUME_RETRY_MIN, CONSUME_RETRY_MAX);
     for generation in 0u64.. {
+        // Resolves at once while connected, else when the broker has reconnected.
         shared.broker.connected().await;
         let consumer = match shared.broker.consume(&agent, shared.config.prefetch).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 log::warn!("agent {agent}: cannot consume its queue yet: {e}");
-                smol::Timer::after(Duration::from_secs(1)).await;
+                retry.wait().await;
                 continue;
             }
         };
-        *inflight.consumer.lock().expect("consumer lock") = Some((generation, consumer.clone()));
+        *lock(&inflight.consumer) = Some((generation, consumer.clone()));
         while let Some(d) = consumer.next().await {
+            retry.reset();
             let envelope = match Envelope::from_bytes(&d.body, max) {
                 Ok(e) => e,
                 Err(e) => {
@@ -415,11 +425,7 @@ async fn pump(
                 }
             };
             let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
-            inflight
-                .tags
-                .lock()
-                .expect("tags lock")
-                .insert(delivery, (generation, d.tag));
+            lock(&inflight.tags).insert(delivery, (generation, d.tag));
             shared.metrics.deliveries.inc();
             if out
                 .send(binary(&ServerFrame::Deliver { delivery, envelope }))
@@ -429,12 +435,16 @@ async fn pump(
                 return;
             }
         }
-        inflight
-            .tags
-            .lock()
-            .expect("tags lock")
-            .retain(|_, (g, _)| *g != generation);
+        lock(&inflight.tags).retain(|_, (g, _)| *g != generation);
         log::info!("agent {agent}: queue consumer ended; resuming when RabbitMQ is back");
-        smol::Timer::after(Duration::from_millis(200)).await;
+        // Once the broker has retired the consumer's connection, `connected()` above is the
+        // event to wait for. While the broker still counts that connection as live, either
+        // RabbitMQ closed only this channel or the broker has not yet seen the loss: back
+        // off before trying again, so a channel closed on every attempt cannot spin.
+        let same_connection =
+            shared.broker.is_connected() && shared.broker.generation() == consumer.generation();
+        if same_connection {
+            retry.wait().await;
+        }
     }
 }

@@ -8,7 +8,7 @@ use crate::protocol::AgentId;
 
 /// Something a session must act on that did not come from its own socket.
 #[derive(Clone, Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// The directory changed; send the agent this encoded `Directory` frame (encoded once
     /// for all sessions).
     Directory(bytes::Bytes),
@@ -23,7 +23,7 @@ struct Entry {
 
 /// Live sessions by agent id.
 #[derive(Default)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     map: Mutex<HashMap<AgentId, Entry>>,
     next: AtomicU64,
 }
@@ -31,7 +31,7 @@ pub struct Sessions {
 impl Sessions {
     /// Registers a session for `agent`, closing any older one; returns the session number
     /// and the session's event stream.
-    pub fn register(&self, agent: &AgentId) -> (u64, async_channel::Receiver<Event>) {
+    pub(crate) fn register(&self, agent: &AgentId) -> (u64, async_channel::Receiver<Event>) {
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = async_channel::unbounded();
         let old = self.lock().insert(
@@ -51,38 +51,34 @@ impl Sessions {
     }
 
     /// Removes `agent`'s entry if it is still `session` (a newer one may have replaced it).
-    pub fn unregister(&self, agent: &AgentId, session: u64) {
+    pub(crate) fn unregister(&self, agent: &AgentId, session: u64) {
         let mut map = self.lock();
         if map.get(agent).is_some_and(|e| e.session == session) {
             map.remove(agent);
         }
     }
 
-    pub fn send(&self, agent: &AgentId, event: Event) {
+    pub(crate) fn send(&self, agent: &AgentId, event: Event) {
         if let Some(e) = self.lock().get(agent) {
             let _ = e.events.try_send(event);
         }
     }
 
-    pub fn broadcast(&self, event: Event) {
+    pub(crate) fn broadcast(&self, event: Event) {
         for e in self.lock().values() {
             let _ = e.events.try_send(event.clone());
         }
     }
 
-    pub fn close_all(&self, reason: &str) {
+    pub(crate) fn close_all(&self, reason: &str) {
         self.broadcast(Event::Close(reason.to_owned()));
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, Entry>> {
-        self.map.lock().expect("sessions lock")
+        crate::sync::lock(&self.map)
     }
 }

@@ -161,7 +161,7 @@ async fn apply(shared: &Shared, next: Directory) {
         Err(e) => log::error!("declaring agent queues: {e}"),
     }
     let next = Arc::new(next);
-    *shared.directory.write().expect("directory lock") = next.clone();
+    *crate::sync::write(&shared.directory) = next.clone();
     shared.directory_loaded.store(true, Ordering::SeqCst);
     shared.metrics.directory_agents.set(next.len() as i64);
     log::info!(
