@@ -30,6 +30,7 @@ pub(crate) struct ServerMetrics {
     pub(crate) deliveries: Counter,
     pub(crate) acks: Counter,
     pub(crate) nacks: Counter,
+    pub(crate) dead_lettered: Counter,
     pub(crate) confirm_seconds: Histogram,
     pub(crate) rabbitmq_connected: Gauge,
     pub(crate) directory_agents: Gauge,
@@ -49,6 +50,7 @@ impl Default for ServerMetrics {
             deliveries: Counter::default(),
             acks: Counter::default(),
             nacks: Counter::default(),
+            dead_lettered: Counter::default(),
             confirm_seconds: latency(),
             rabbitmq_connected: Gauge::default(),
             directory_agents: Gauge::default(),
@@ -80,6 +82,11 @@ impl Default for ServerMetrics {
         );
         r.register("acks", "Deliveries acknowledged by agents", m.acks.clone());
         r.register("nacks", "Deliveries refused by agents", m.nacks.clone());
+        r.register(
+            "dead_lettered",
+            "Messages moved to the DLQ with a reason (refused for good by the agent, or undecodable)",
+            m.dead_lettered.clone(),
+        );
         r.register(
             "confirm_seconds",
             "Publish to RabbitMQ confirm",

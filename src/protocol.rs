@@ -300,9 +300,13 @@ pub enum ClientFrame {
     Send {
         envelope: Envelope,
     },
+    /// The local service took the delivery (or it is a copy of one it took): forget it.
     Ack {
         delivery: u64,
     },
+    /// The delivery can never be delivered (unopenable, stale, refused for good by the local
+    /// service): the relay dead-letters it with `reason`. Transient trouble is never a
+    /// `Nack`; the agent holds the delivery and retries instead.
     Nack {
         delivery: u64,
         reason: String,
@@ -423,7 +427,7 @@ mod tests {
             ClientFrame::Ack { delivery: 42 },
             ClientFrame::Nack {
                 delivery: 43,
-                reason: "webhook down".into(),
+                reason: "refused by the local service: 400".into(),
             },
         ];
         for f in frames {

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 
 use super::sessions::Event;
 use super::Shared;
-use crate::broker::{BrokerError, Consumer};
+use crate::broker::{BrokerError, Consumer, Delivery};
 use crate::crypto::Challenge;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
@@ -167,16 +167,18 @@ async fn handshake(
 #[derive(Default)]
 struct Inflight {
     next: AtomicU64,
-    tags: Mutex<HashMap<u64, (u64, u64)>>,
+    /// Delivery number → (consumer generation, the RabbitMQ delivery). The delivery is kept
+    /// whole (bounded by the prefetch) so that a `Nack` can dead-letter it with its reason.
+    tags: Mutex<HashMap<u64, (u64, Delivery)>>,
     consumer: Mutex<Option<(u64, Arc<Consumer>)>>,
 }
 
 impl Inflight {
-    fn lookup(&self, delivery: u64) -> Option<(u64, Arc<Consumer>)> {
-        let (generation, tag) = lock(&self.tags).remove(&delivery)?;
+    fn lookup(&self, delivery: u64) -> Option<(Delivery, Arc<Consumer>)> {
+        let (generation, d) = lock(&self.tags).remove(&delivery)?;
         let consumer = lock(&self.consumer);
         match &*consumer {
-            Some((g, c)) if *g == generation => Some((tag, c.clone())),
+            Some((g, c)) if *g == generation => Some((d, c.clone())),
             // That consumer is gone, so RabbitMQ has already put the message back.
             _ => None,
         }
@@ -318,24 +320,48 @@ async fn reader(
 }
 
 async fn settle(shared: &Shared, inflight: &Inflight, delivery: u64, nack: Option<String>) {
-    let Some((tag, consumer)) = inflight.lookup(delivery) else {
+    let Some((d, consumer)) = inflight.lookup(delivery) else {
         return log::debug!("ack/nack for unknown or stale delivery {delivery}");
     };
     let result = match &nack {
         None => {
             shared.metrics.acks.inc();
-            consumer.ack(tag).await
+            consumer.ack(d.tag).await
         }
         Some(reason) => {
             shared.metrics.nacks.inc();
-            let reason: String = reason.chars().take(200).collect();
-            log::warn!("delivery {delivery} refused by the agent: {reason}");
-            consumer.nack(tag).await
+            dead_letter(shared, &consumer, &d, reason).await
         }
     };
     if let Err(e) = result {
         // The channel is gone; RabbitMQ redelivers, and the agent drops the duplicate.
         log::warn!("could not settle delivery {delivery} with RabbitMQ: {e}");
+    }
+}
+
+/// The agent says this message can never be delivered: put a copy carrying the reason in the
+/// dead-letter queue, then ack the original. If the copy is not confirmed, the original is
+/// returned to its queue instead (RabbitMQ counts it toward the delivery limit), so it is
+/// never lost between the two.
+async fn dead_letter(
+    shared: &Shared,
+    consumer: &Consumer,
+    d: &Delivery,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let id = d.message_id.as_deref().unwrap_or("without id");
+    let sender = d.sender.as_deref().unwrap_or("?");
+    let reason: String = reason.chars().take(300).collect();
+    match shared.broker.dead_letter(d, &reason).await {
+        Ok(()) => {
+            log::warn!("message {id} from {sender} dead-lettered: {reason}");
+            shared.metrics.dead_lettered.inc();
+            consumer.ack(d.tag).await
+        }
+        Err(e) => {
+            log::warn!("message {id} from {sender}: could not dead-letter it ({e}); returning it to its queue");
+            consumer.nack(d.tag).await
+        }
     }
 }
 
@@ -419,13 +445,13 @@ async fn pump(
             let envelope = match Envelope::from_bytes(&d.body, max) {
                 Ok(e) => e,
                 Err(e) => {
-                    log::error!("agent {agent}: undecodable message in its queue ({e}); returning it toward the dead-letter queue");
-                    let _ = consumer.nack(d.tag).await;
+                    let reason = format!("undecodable in the queue of {agent}: {e}");
+                    let _ = dead_letter(&shared, &consumer, &d, &reason).await;
                     continue;
                 }
             };
             let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
-            lock(&inflight.tags).insert(delivery, (generation, d.tag));
+            lock(&inflight.tags).insert(delivery, (generation, d));
             shared.metrics.deliveries.inc();
             if out
                 .send(binary(&ServerFrame::Deliver { delivery, envelope }))
