@@ -251,8 +251,10 @@ pub enum ClientError {
     },
     /// Sending the request failed.
     Request(hyper::Error),
-    /// The answer's body could not be read.
-    Answer(hyper::Error),
+    /// The answer's body could not be read, or was over the size the client reads.
+    Answer(String),
+    /// The connection closed before the request could be sent.
+    Closed,
     /// No complete answer within the limit.
     Timeout(Duration),
 }
@@ -271,6 +273,7 @@ impl std::fmt::Display for ClientError {
             }
             Self::Request(e) => write!(f, "request failed: {e}"),
             Self::Answer(e) => write!(f, "reading the answer: {e}"),
+            Self::Closed => f.write_str("the connection closed before the request was sent"),
             Self::Timeout(limit) => write!(f, "no answer within {limit:?}"),
         }
     }
@@ -282,8 +285,12 @@ impl std::error::Error for ClientError {
             Self::Tls(e) => Some(e),
             Self::Connect { source, .. } => Some(source),
             Self::Handshake { source, .. } => Some(source),
-            Self::Request(e) | Self::Answer(e) => Some(e),
-            Self::NoHost { .. } | Self::BadHost { .. } | Self::Timeout(_) => None,
+            Self::Request(e) => Some(e),
+            Self::NoHost { .. }
+            | Self::BadHost { .. }
+            | Self::Answer(_)
+            | Self::Closed
+            | Self::Timeout(_) => None,
         }
     }
 }
@@ -352,18 +359,23 @@ impl Client {
             .cloned()
             .map_or_else(|| hyper::Uri::from_static("/"), hyper::Uri::from);
         if let Some((mut conn, task)) = self.take_idle(&key) {
-            // A kept connection the peer closed meanwhile fails at once; only then retry fresh.
+            // A kept connection the peer closed meanwhile can fail before the request left;
+            // only then is it safe to send it again on a fresh one. A request that may have
+            // reached the peer is never repeated here: the caller decides (see `Unsent`).
             if conn.ready().await.is_ok() {
-                let retry = clone_request(&req);
                 match exchange(&mut conn, req).await {
                     Ok(r) => return Ok(self.keep(key, conn, task, r)),
-                    Err(_) => req = retry,
+                    Err(Failed::Unsent(back)) => req = back,
+                    Err(Failed::Sent(e)) => return Err(e),
                 }
             }
         }
         let (mut conn, task) = self.connect(&uri).await?;
-        let r = exchange(&mut conn, req).await?;
-        Ok(self.keep(key, conn, task, r))
+        match exchange(&mut conn, req).await {
+            Ok(r) => Ok(self.keep(key, conn, task, r)),
+            Err(Failed::Unsent(_)) => Err(ClientError::Closed),
+            Err(Failed::Sent(e)) => Err(e),
+        }
     }
 
     fn take_idle(&self, key: &str) -> Option<Kept> {
@@ -426,22 +438,29 @@ impl Client {
     }
 }
 
-fn clone_request(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(req.body().clone());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.headers_mut() = req.headers().clone();
-    r
+/// Largest response body the client reads; a local service's answer is a status, not data.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// How an exchange failed: before the request left (it comes back, safe to send again),
+/// or after it may have reached the peer.
+enum Failed {
+    Unsent(Request<Body>),
+    Sent(ClientError),
 }
 
-async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, Bytes), ClientError> {
-    let resp = conn.send_request(req).await.map_err(ClientError::Request)?;
+async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, Bytes), Failed> {
+    let resp = match conn.try_send_request(req).await {
+        Ok(resp) => resp,
+        Err(mut e) => match e.take_message() {
+            Some(req) => return Err(Failed::Unsent(req)),
+            None => return Err(Failed::Sent(ClientError::Request(e.into_error()))),
+        },
+    };
     let status = resp.status();
-    let body = resp
-        .into_body()
+    let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
         .collect()
         .await
-        .map_err(ClientError::Answer)?
+        .map_err(|e| Failed::Sent(ClientError::Answer(e.to_string())))?
         .to_bytes();
     Ok((status, body))
 }
