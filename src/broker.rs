@@ -178,6 +178,7 @@ impl Broker {
     }
 
     /// The topology this broker declares.
+    #[cfg(feature = "test-support")]
     pub fn topology(&self) -> &Topology {
         &self.shared.topology
     }
