@@ -441,6 +441,39 @@ mod tests {
     }
 
     #[test]
+    fn nested_subcommands_take_their_own_env_flags() {
+        let env = env_of(&[("DMR_KEY", "/op.key"), ("DMR_OUT", "/tmp/op")]);
+        let merged = with_env(
+            vec!["directory".into(), "sign".into(), "agents.json".into()],
+            SERVER_ENV_FLAGS,
+            &env,
+        );
+        assert_eq!(
+            merged,
+            ["directory", "sign", "agents.json", "--key", "/op.key"]
+        );
+        let cli: ServerCli = parse("dmr-server", merged, &[], |_| None);
+        let ServerCommand::Directory(DirectoryArgs {
+            command: DirectoryCommand::Sign(a),
+        }) = cli.command
+        else {
+            panic!("expected directory sign");
+        };
+        assert_eq!(a.key, PathBuf::from("/op.key"));
+        // The agent's own DMR_KEY / DMR_ID never fill in the peer being confirmed.
+        let merged = with_env(
+            vec!["trust".into(), "confirm".into()],
+            AGENT_ENV_FLAGS,
+            env_of(&[
+                ("DMR_KEY", "/me.key"),
+                ("DMR_ID", "me"),
+                ("DMR_STATE_DIR", "/s"),
+            ]),
+        );
+        assert_eq!(merged, ["trust", "confirm", "--state-dir", "/s"]);
+    }
+
+    #[test]
     fn lists_split_on_commas_and_repeats() {
         let v = split_list(&[
             "ws://a/v1/ws, ws://b/v1/ws".into(),

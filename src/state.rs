@@ -142,8 +142,9 @@ impl fmt::Display for StateError {
             Self::Open { path, problem } => write!(
                 f,
                 "cannot open the agent state {}: {problem}. If the file is damaged, stop the agent and move it aside; \
-                 the agent starts with an empty store (pinned keys are pinned again on first use, \
-                 and messages delivered within the TTL may be delivered again)",
+                 the agent starts with an empty store (keys are pinned again on first use: check \
+                 them with `dmr-agent trust list`; messages delivered within the TTL may be \
+                 delivered again)",
                 path.display()
             ),
             Self::Storage { path, problem } => {
@@ -582,6 +583,11 @@ fn open_error(dir: &Path, path: &Path, e: redb::DatabaseError) -> StateError {
             if e.kind() == io::ErrorKind::PermissionDenied =>
         {
             "permission denied (the agent's user must own the state dir and its files)".into()
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(e))
+            if e.kind() == io::ErrorKind::InvalidData =>
+        {
+            "the file is damaged or is not a dmr-agent state file".into()
         }
         redb::DatabaseError::Storage(redb::StorageError::Corrupted(c)) => {
             format!("the file is damaged ({c})")
