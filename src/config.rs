@@ -23,6 +23,7 @@ pub struct ServerCli {
 #[argh(subcommand)]
 pub enum ServerCommand {
     Run(ServerArgs),
+    Directory(DirectoryArgs),
 }
 
 /// Relay agents' encrypted messages through RabbitMQ. Every flag can also be set with the
@@ -103,6 +104,7 @@ pub struct AgentCli {
 pub enum AgentCommand {
     Run(AgentArgs),
     Keygen(KeygenArgs),
+    Trust(TrustArgs),
 }
 
 /// Connect to DMR servers and serve the local HTTP API. Every flag can also be set with the
@@ -172,25 +174,118 @@ pub struct KeygenArgs {
     pub force: bool,
 }
 
+/// Sign the agent directory: make an operator key, sign a directory file.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "directory")]
+pub struct DirectoryArgs {
+    #[argh(subcommand)]
+    pub command: DirectoryCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum DirectoryCommand {
+    Keygen(DirectoryKeygenArgs),
+    Sign(DirectorySignArgs),
+}
+
+/// Write a new Ed25519 operator key pair: PREFIX.key (private, mode 0600; keep it offline)
+/// and PREFIX.pub (give it to agents as --directory-key).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "keygen")]
+pub struct DirectoryKeygenArgs {
+    /// path prefix of the files to write
+    #[argh(option)]
+    pub out: PathBuf,
+
+    /// replace existing files (the old key stops working)
+    #[argh(switch)]
+    pub force: bool,
+}
+
+/// Sign a directory file's exact bytes; writes FILE.sig (base64) beside it.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "sign")]
+pub struct DirectorySignArgs {
+    /// the operator's Ed25519 private key (PKCS#8 PEM)
+    #[argh(option)]
+    pub key: PathBuf,
+
+    /// the directory file to sign (the --agents-file of the servers)
+    #[argh(positional)]
+    pub file: PathBuf,
+}
+
+/// Inspect and confirm the agent keys pinned in a state dir. Run by the operator on the
+/// agent's machine: access to the state dir is the authorization.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "trust")]
+pub struct TrustArgs {
+    #[argh(subcommand)]
+    pub command: TrustCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum TrustCommand {
+    List(TrustListArgs),
+    Confirm(TrustConfirmArgs),
+}
+
+/// List pinned agent keys and the changed keys waiting for confirmation.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "list")]
+pub struct TrustListArgs {
+    /// the agent's state directory (its --state-dir)
+    #[argh(option)]
+    pub state_dir: PathBuf,
+
+    /// print JSON lines instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Accept an agent's new key: the key in --key, or else the changed key the directory
+/// offered (check its fingerprint with the other agency first).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "confirm")]
+pub struct TrustConfirmArgs {
+    /// the agent's state directory (its --state-dir)
+    #[argh(option)]
+    pub state_dir: PathBuf,
+
+    /// the agent whose key changed
+    #[argh(option)]
+    pub id: String,
+
+    /// the new public key (SPKI PEM) as obtained from the other agency
+    #[argh(option)]
+    pub key: Option<PathBuf>,
+}
+
 /// Flags each binary's subcommands accept from `DMR_*` variables.
-pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[(
-    "run",
-    &[
-        ("listen", false),
-        ("amqp-url", false),
-        ("agents-file", false),
-        ("centops-url", false),
-        ("centops-interval", false),
-        ("tls-cert", false),
-        ("tls-key", false),
-        ("queue-prefix", false),
-        ("message-ttl", false),
-        ("delivery-limit", false),
-        ("max-message-bytes", false),
-        ("prefetch", false),
-        ("handshake-timeout", false),
-    ],
-)];
+pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
+    ("directory keygen", &[("out", false), ("force", true)]),
+    ("directory sign", &[("key", false)]),
+    (
+        "run",
+        &[
+            ("listen", false),
+            ("amqp-url", false),
+            ("agents-file", false),
+            ("centops-url", false),
+            ("centops-interval", false),
+            ("tls-cert", false),
+            ("tls-key", false),
+            ("queue-prefix", false),
+            ("message-ttl", false),
+            ("delivery-limit", false),
+            ("max-message-bytes", false),
+            ("prefetch", false),
+            ("handshake-timeout", false),
+        ],
+    ),
+];
 
 pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
     (
@@ -207,6 +302,9 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),
+    // Not --id or --key: DMR_ID and DMR_KEY name this agent, never the peer being confirmed.
+    ("trust list", &[("state-dir", false), ("json", true)]),
+    ("trust confirm", &[("state-dir", false)]),
 ];
 
 /// Parses `args` (without the program name) after merging `DMR_*` variables from `env`.
@@ -244,10 +342,11 @@ pub(crate) fn with_env(
     env_flags: &[(&str, &[(&str, bool)])],
     env: impl Fn(&str) -> Option<String>,
 ) -> Vec<String> {
-    let Some(sub) = args.first().cloned() else {
-        return args;
-    };
-    let Some((_, flags)) = env_flags.iter().find(|(name, _)| *name == sub) else {
+    // A name may be nested ("directory sign"): it matches the leading words of `args`.
+    let Some((_, flags)) = env_flags.iter().find(|(name, _)| {
+        let words: Vec<&str> = name.split(' ').collect();
+        args.len() >= words.len() && args.iter().zip(&words).all(|(a, w)| a == w)
+    }) else {
         return args;
     };
     if args.iter().any(|a| a == "--help" || a == "help") {
@@ -392,7 +491,9 @@ mod tests {
             ["run", "--listen", "1.2.3.4:5", "--amqp-url", "amqp://x"]
         );
         let cli: ServerCli = parse("dmr-server", merged, &[], |_| None);
-        let ServerCommand::Run(a) = cli.command;
+        let ServerCommand::Run(a) = cli.command else {
+            panic!("expected run");
+        };
         assert_eq!(a.listen.to_string(), "1.2.3.4:5");
         assert_eq!(a.amqp_url, "amqp://x");
         assert_eq!(a.delivery_limit, 10);
@@ -412,6 +513,39 @@ mod tests {
             env_of(&[("DMR_FORCE", "0")]),
         );
         assert_eq!(merged, ["keygen"]);
+    }
+
+    #[test]
+    fn nested_subcommands_take_their_own_env_flags() {
+        let env = env_of(&[("DMR_KEY", "/op.key"), ("DMR_OUT", "/tmp/op")]);
+        let merged = with_env(
+            vec!["directory".into(), "sign".into(), "agents.json".into()],
+            SERVER_ENV_FLAGS,
+            &env,
+        );
+        assert_eq!(
+            merged,
+            ["directory", "sign", "agents.json", "--key", "/op.key"]
+        );
+        let cli: ServerCli = parse("dmr-server", merged, &[], |_| None);
+        let ServerCommand::Directory(DirectoryArgs {
+            command: DirectoryCommand::Sign(a),
+        }) = cli.command
+        else {
+            panic!("expected directory sign");
+        };
+        assert_eq!(a.key, PathBuf::from("/op.key"));
+        // The agent's own DMR_KEY / DMR_ID never fill in the peer being confirmed.
+        let merged = with_env(
+            vec!["trust".into(), "confirm".into()],
+            AGENT_ENV_FLAGS,
+            env_of(&[
+                ("DMR_KEY", "/me.key"),
+                ("DMR_ID", "me"),
+                ("DMR_STATE_DIR", "/s"),
+            ]),
+        );
+        assert_eq!(merged, ["trust", "confirm", "--state-dir", "/s"]);
     }
 
     #[test]

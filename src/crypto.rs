@@ -154,12 +154,12 @@ impl fmt::Debug for SecretKey {
 }
 
 /// PEM with Unix line endings, byte-identical to what openssl writes.
-fn encode_pem(label: &str, der: Vec<u8>) -> String {
+pub(crate) fn encode_pem(label: &str, der: Vec<u8>) -> String {
     let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
     pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
-fn pem_contents(text: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
+pub(crate) fn pem_contents(text: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
     let p = pem::parse(text.trim()).map_err(|e| {
         CryptoError::Pem(match e {
             // pem quotes the offending line, which may be a line of the (private) key:
@@ -371,7 +371,7 @@ pub fn write_key_pair(
 }
 
 /// `PREFIX` + `.ext`, keeping any dots already in the prefix (`a.b` → `a.b.key`).
-fn with_suffix(prefix: &std::path::Path, ext: &str) -> std::path::PathBuf {
+pub(crate) fn with_suffix(prefix: &std::path::Path, ext: &str) -> std::path::PathBuf {
     let mut s = prefix.as_os_str().to_owned();
     s.push(".");
     s.push(ext);

@@ -6,6 +6,8 @@
 //! - [`protocol`]: ids, the envelope and the frames agents and servers exchange.
 //! - [`crypto`]: keys, PEM files, HPKE sealing and the handshake proof.
 //! - [`directory`]: the list of agents and their public keys, as CentOps serves it.
+//! - [`signing`]: the operator's Ed25519 signature over the directory (`directory keygen|sign`).
+//! - [`state`]: the agent's embedded, crash-safe store (pinned keys, the replay guard).
 //! - [`broker`]: RabbitMQ topology, confirmed publishing, consuming and reconnection.
 //! - [`transport`]: plain and TLS byte streams, WebSocket limits.
 //! - [`http`]: hyper on smol — the accept loop, response helpers, a small client.
@@ -29,6 +31,8 @@ pub mod process;
 pub mod protocol;
 pub mod server;
 pub(crate) mod signals;
+pub mod signing;
+pub mod state;
 pub mod sync;
 pub mod transport;
 pub mod wait;

@@ -13,6 +13,7 @@ fn main() {
     let result = match cli.command {
         AgentCommand::Keygen(args) => dmr::agent::keygen(&args),
         AgentCommand::Run(args) => dmr::agent::run(args),
+        AgentCommand::Trust(args) => dmr::state::trust_command(&args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("dmr-agent: {e}");

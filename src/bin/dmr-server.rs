@@ -10,8 +10,13 @@ fn main() {
         config::SERVER_ENV_FLAGS,
         |k| std::env::var(k).ok(),
     );
-    let ServerCommand::Run(args) = cli.command;
-    if let Err(e) = dmr::server::run(args) {
+    let result = match cli.command {
+        ServerCommand::Run(args) => dmr::server::run(args).map_err(|e| e.to_string()),
+        ServerCommand::Directory(args) => {
+            dmr::signing::directory_command(&args).map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = result {
         eprintln!("dmr-server: {e}");
         std::process::exit(1);
     }
