@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
+use crate::logging::LogFormat;
 use crate::protocol::AgentId;
 
 /// `dmr-server`: the stateless relay between DMR agents, backed by RabbitMQ.
@@ -89,6 +90,24 @@ pub struct ServerArgs {
     /// seconds an agent has to complete the handshake [env DMR_HANDSHAKE_TIMEOUT] [default 10]
     #[argh(option, default = "10")]
     pub handshake_timeout: u64,
+
+    /// JSON policy of who may send what to whom, rates and sizes (docs/POLICY.md); re-read
+    /// when it changes and on SIGHUP [env DMR_POLICY_FILE] [default none: all allowed]
+    #[argh(option)]
+    pub policy_file: Option<PathBuf>,
+
+    /// write an audit line (JSON) per relay decision to this file, or - for stdout;
+    /// reopened on SIGHUP [env DMR_AUDIT_LOG] [default none]
+    #[argh(option)]
+    pub audit_log: Option<String>,
+
+    /// this instance's name in audit lines [env DMR_INSTANCE] [default hostname:port]
+    #[argh(option)]
+    pub instance: Option<String>,
+
+    /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
+    #[argh(option, default = "LogFormat::Text")]
+    pub log_format: LogFormat,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -145,6 +164,10 @@ pub struct AgentArgs {
     /// webhook deliveries running at once [env DMR_MAX_CONCURRENT_DELIVERIES] [default 16]
     #[argh(option, default = "16")]
     pub max_concurrent_deliveries: usize,
+
+    /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
+    #[argh(option, default = "LogFormat::Text")]
+    pub log_format: LogFormat,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -177,6 +200,10 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[(
         ("max-message-bytes", false),
         ("prefetch", false),
         ("handshake-timeout", false),
+        ("policy-file", false),
+        ("audit-log", false),
+        ("instance", false),
+        ("log-format", false),
     ],
 )];
 
@@ -192,6 +219,7 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("api-token", false),
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
+            ("log-format", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),

@@ -5,6 +5,7 @@
 //! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
 //! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
 
+mod guard;
 mod session;
 mod sessions;
 mod watch;
@@ -45,6 +46,12 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A session with no frame (not even a pong) for this long is dropped.
     pub idle_timeout: Duration,
+    /// `--policy-file`: without one, everything the directory allows is allowed.
+    pub policy_file: Option<PathBuf>,
+    /// `--audit-log`: a path, or `-` for stdout.
+    pub audit_log: Option<String>,
+    /// This instance's name in audit lines.
+    pub instance: String,
 }
 
 impl ServerConfig {
@@ -85,7 +92,13 @@ impl ServerConfig {
                 "--centops-interval must be at least 1 second".into(),
             ));
         }
+        let instance = a
+            .instance
+            .unwrap_or_else(|| format!("{}:{}", crate::audit::hostname(), a.listen.port()));
         Ok(Self {
+            policy_file: a.policy_file,
+            audit_log: a.audit_log,
+            instance,
             listen: a.listen,
             amqp_urls,
             agents_file: a.agents_file,
@@ -120,6 +133,8 @@ pub(crate) struct Shared {
     sessions: Sessions,
     broker: Broker,
     metrics: ServerMetrics,
+    /// Policy, rate limits and audit log (`--policy-file`, `--audit-log`).
+    guard: guard::Guard,
     /// Publishes awaiting a confirm; shutdown waits for them.
     in_flight: AtomicU64,
     stopping: AtomicBool,
@@ -145,6 +160,11 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some((cert, key)) => Some(transport::server_tls(cert, key)?),
         None => None,
     };
+    let guard = guard::Guard::new(
+        config.policy_file.as_deref(),
+        config.audit_log.as_deref(),
+        &config.instance,
+    )?;
     let broker = Broker::start(config.amqp_urls.clone(), config.topology.clone())?;
     let signals = signals::listen()?;
     smol::block_on(async move {
@@ -163,16 +183,20 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             directory_loaded: AtomicBool::new(false),
             sessions: Sessions::default(),
             metrics: ServerMetrics::default(),
+            guard,
             in_flight: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
         let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
+        let policy_watcher = (shared.config.policy_file.clone())
+            .map(|path| smol::spawn(guard::watch(shared.clone(), path)));
         let stop = async {
             while let Ok(sig) = signals.recv().await {
                 match sig {
                     Signal::Reload => {
                         let _ = reload_tx.send(()).await;
+                        shared.guard.sighup();
                     }
                     Signal::Terminate => break,
                 }
@@ -184,6 +208,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         };
         http::serve(listener, tls, handler, stop).await;
         drop(watcher);
+        drop(policy_watcher);
         shutdown(&shared).await;
         Ok(())
     })
@@ -230,7 +255,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
 fn metrics(shared: &Shared) -> String {
     let up = shared.broker.is_connected();
     shared.metrics.rabbitmq_connected.set(up as i64);
-    shared.metrics.render()
+    shared.metrics.render_with(shared.guard.registry())
 }
 
 fn readyz(shared: &Shared) -> Response<Body> {

@@ -3,7 +3,6 @@
 use dmr::config::{self, ServerCli, ServerCommand};
 
 fn main() {
-    dmr::process::init();
     let cli: ServerCli = config::parse(
         "dmr-server",
         std::env::args().skip(1).collect(),
@@ -11,6 +10,7 @@ fn main() {
         |k| std::env::var(k).ok(),
     );
     let ServerCommand::Run(args) = cli.command;
+    dmr::process::init_with(args.log_format);
     if let Err(e) = dmr::server::run(args) {
         eprintln!("dmr-server: {e}");
         std::process::exit(1);

@@ -20,13 +20,14 @@ use futures_util::StreamExt;
 
 use super::sessions::Event;
 use super::Shared;
+use crate::audit::{self, Meta};
 use crate::broker::{BrokerError, Consumer};
 use crate::crypto::Challenge;
-use crate::wait::with_timeout;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
 use crate::transport::{self, Stream, WebSocket};
+use crate::wait::with_timeout;
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
@@ -162,6 +163,8 @@ struct Inflight {
     next: AtomicU64,
     tags: Mutex<HashMap<u64, (u64, u64)>>,
     consumer: Mutex<Option<(u64, Arc<Consumer>)>>,
+    /// Audit metadata of deliveries awaiting the agent's ack (only with `--audit-log`).
+    audit: Mutex<HashMap<u64, (u64, Meta)>>,
 }
 
 impl Inflight {
@@ -311,9 +314,12 @@ async fn reader(
 }
 
 async fn settle(shared: &Shared, inflight: &Inflight, delivery: u64, nack: Option<String>) {
+    let meta = crate::sync::lock(&inflight.audit).remove(&delivery);
     let Some((tag, consumer)) = inflight.lookup(delivery) else {
         return log::debug!("ack/nack for unknown or stale delivery {delivery}");
     };
+    let meta = meta.map(|(_, m)| m);
+    shared.guard.settled(meta, nack.as_deref());
     let result = match &nack {
         None => {
             shared.metrics.acks.inc();
@@ -342,6 +348,11 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             .rejected
             .get_or_create(&[("code", code.as_str())])
             .inc();
+        let why = format!("{}: {reason}", code.as_str());
+        let bytes = envelope.encoded_len();
+        shared
+            .guard
+            .audit(audit::Event::Refused, h, bytes, Some(&why));
         ServerFrame::Rejected { id, code, reason }
     };
     if &h.sender != agent {
@@ -364,6 +375,10 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             format!("envelope of {} bytes exceeds {max}", body.len()),
         );
     }
+    if let Err((code, reason)) = shared.guard.check(&shared.directory(), h, body.len()) {
+        return reject(code, reason);
+    }
+    let bytes = body.len();
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let started = Instant::now();
     let result = shared.broker.publish(h, body).await;
@@ -375,6 +390,7 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
                 .confirm_seconds
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.accepted.inc();
+            shared.guard.audit(audit::Event::Accepted, h, bytes, None);
             ServerFrame::Accepted { id }
         }
         Err(e @ (BrokerError::NotConnected | BrokerError::Blocked(_))) => {
@@ -421,6 +437,9 @@ async fn pump(
                 .expect("tags lock")
                 .insert(delivery, (generation, d.tag));
             shared.metrics.deliveries.inc();
+            if let Some(meta) = shared.guard.delivered(envelope.header(), d.body.len()) {
+                crate::sync::lock(&inflight.audit).insert(delivery, (generation, meta));
+            }
             if out
                 .send(binary(&ServerFrame::Deliver { delivery, envelope }))
                 .await
@@ -434,6 +453,7 @@ async fn pump(
             .lock()
             .expect("tags lock")
             .retain(|_, (g, _)| *g != generation);
+        crate::sync::lock(&inflight.audit).retain(|_, (g, _)| *g != generation);
         log::info!("agent {agent}: queue consumer ended; resuming when RabbitMQ is back");
         smol::Timer::after(Duration::from_millis(200)).await;
     }
