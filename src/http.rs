@@ -20,8 +20,8 @@ use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
 
-use crate::transport::{self, Stream};
 use crate::wait::with_timeout;
+use crate::transport::{self, Stream};
 
 /// The connection type hyper serves; what an upgrade hands back.
 pub type Io = FuturesIo<Stream>;

@@ -76,10 +76,7 @@ mod tests {
             assert!(d <= max && d >= min.mul_f64(0.75), "{d:?}");
         }
         let late = b.next_delay();
-        assert!(
-            late >= max.mul_f64(0.75),
-            "capped waits stay near the cap: {late:?}"
-        );
+        assert!(late >= max.mul_f64(0.75), "capped waits stay near the cap: {late:?}");
         b.reset();
         assert_eq!(b.failures(), 0);
         assert!(b.next_delay() <= min);
@@ -92,10 +89,7 @@ mod tests {
                 async_io::Timer::after(Duration::from_secs(5)).await;
             });
             assert_eq!(slow.await, None);
-            assert_eq!(
-                with_timeout(Duration::from_secs(5), async { 7 }).await,
-                Some(7)
-            );
+            assert_eq!(with_timeout(Duration::from_secs(5), async { 7 }).await, Some(7));
         });
     }
 }

@@ -14,9 +14,9 @@ use super::{inbox, Agent, Link, Outcome};
 use crate::config::ConfigError;
 use crate::crypto;
 use crate::directory::Directory;
+use crate::wait::with_timeout;
 use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
 use crate::transport::{self, Stream};
-use crate::wait::with_timeout;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);

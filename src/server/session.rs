@@ -23,11 +23,11 @@ use super::Shared;
 use crate::audit::{self, Meta};
 use crate::broker::{BrokerError, Consumer};
 use crate::crypto::Challenge;
+use crate::wait::with_timeout;
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
 use crate::transport::{self, Stream, WebSocket};
-use crate::wait::with_timeout;
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
