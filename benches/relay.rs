@@ -10,6 +10,9 @@
 //!    agent on a second `dmr-server`, which opens each envelope and acks it.
 //! 3. agents: local HTTP API of one `dmr-agent` → webhook behind another `dmr-agent`.
 //! 4. memory per connected (authenticated, idle) agent on one server.
+//! 5. relay+policy: the relay scenario again with a 100-rule `--policy-file` (the allowing
+//!    rule last, a rate limit that never bites) and `--audit-log` on; `DMR_BENCH_ONLY=policy`
+//!    runs it beside the plain relay row.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -149,8 +152,14 @@ fn baseline(world: &World, n: usize, window: usize) -> Report {
 /// starts and not opened on arrival: agents run in their own processes, so their crypto is
 /// measured separately (`crypto` row) instead of serialising this one bench thread.
 fn relay(world: &World, n: usize, window: usize) -> Report {
-    let s1 = Server::start(world, "bench-server-1", &["--prefetch", "256"]);
-    let s2 = Server::start(world, "bench-server-2", &["--prefetch", "256"]);
+    relay_with(world, n, window, &[])
+}
+
+/// The relay with `extra` server flags (a policy, an audit log).
+fn relay_with(world: &World, n: usize, window: usize, extra: &[&str]) -> Report {
+    let flags: Vec<&str> = ["--prefetch", "256"].iter().chain(extra).copied().collect();
+    let s1 = Server::start(world, "bench-server-1", &flags);
+    let s2 = Server::start(world, "bench-server-2", &flags);
     let (a, b) = (world.agent("a"), world.agent("b"));
     let envelopes: Vec<_> = (0..n)
         .map(|_| support::envelope(a, b, &payload()))
@@ -299,6 +308,34 @@ fn agents(world: &World, n: usize, window: usize) -> Report {
     }
 }
 
+/// A policy of 100 rules where only the last allows a → b, so every message is checked
+/// against all of them, plus a per-sender rate far above the benchmark's.
+fn hundred_rules() -> serde_json::Value {
+    let mut rules: Vec<_> = (0..99)
+        .map(|i| serde_json::json!({"name": format!("r{i}"), "action": "deny", "from": [format!("x{i}"), "@g"], "to": ["b"], "types": ["Bulk"]}))
+        .collect();
+    rules.push(serde_json::json!({"name": "a-to-b", "from": ["a"], "to": ["b"]}));
+    serde_json::json!({
+        "groups": {"g": ["y1", "y2", "y3"]},
+        "rules": rules,
+        "limits": [{"from": ["*"], "messagesPerSecond": 1_000_000, "maxBytes": 1_048_576}]
+    })
+}
+
+/// The relay scenario with the 100-rule policy and the audit log (to a file) on.
+fn relay_policy(world: &World, n: usize, window: usize) -> Report {
+    let policy = world.dir.path().join("policy.json");
+    std::fs::write(&policy, hundred_rules().to_string()).unwrap();
+    let audit = world.dir.path().join("audit.jsonl");
+    let (policy, audit) = (policy.display().to_string(), audit.display().to_string());
+    let flags = ["--policy-file", &policy, "--audit-log", &audit];
+    let mut r = relay_with(world, n, window, &flags);
+    r.name = "relay + 100-rule policy + audit log";
+    let lines = std::fs::read_to_string(&audit).map_or(0, |t| t.lines().count());
+    eprintln!("(audit log: {lines} lines for {n} messages over two servers)");
+    r
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -355,14 +392,18 @@ fn main() {
         "|{:-<36}|{:-<8}|{:-<11}|{:-<9}|{:-<9}|{:-<9}|{:-<9}|",
         "", "", "", "", "", "", ""
     );
-    // DMR_BENCH_ONLY=memory (or baseline, relay, agents, crypto) runs one scenario.
+    // DMR_BENCH_ONLY=memory (or baseline, relay, agents, crypto) runs one scenario;
+    // DMR_BENCH_ONLY=policy runs the relay with and without the policy and audit log.
     let only = std::env::var("DMR_BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only == name;
     if run("baseline") {
         baseline(&World::new("bench-base", &["a", "b"]), n, window).print();
     }
-    if run("relay") {
+    if run("relay") || only == "policy" {
         relay(&World::new("bench-relay", &["a", "b"]), n, window).print();
+    }
+    if run("policy") {
+        relay_policy(&World::new("bench-policy", &["a", "b"]), n, window).print();
     }
     if run("agents") {
         agents(

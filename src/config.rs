@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
+use crate::logging::LogFormat;
 use crate::protocol::{AgentId, ProtocolError};
 
 /// `dmr-server`: the stateless relay between DMR agents, backed by RabbitMQ.
@@ -21,6 +22,8 @@ pub struct ServerCli {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+// Parsed once at start: the size difference between subcommands costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ServerCommand {
     Run(ServerArgs),
     Directory(DirectoryArgs),
@@ -90,6 +93,24 @@ pub struct ServerArgs {
     /// seconds an agent has to complete the handshake [env DMR_HANDSHAKE_TIMEOUT] [default 10]
     #[argh(option, default = "10")]
     pub handshake_timeout: u64,
+
+    /// JSON policy of who may send what to whom, rates and sizes (docs/POLICY.md); re-read
+    /// when it changes and on SIGHUP [env DMR_POLICY_FILE] [default none: all allowed]
+    #[argh(option)]
+    pub policy_file: Option<PathBuf>,
+
+    /// write an audit line (JSON) per relay decision to this file, or - for stdout;
+    /// reopened on SIGHUP [env DMR_AUDIT_LOG] [default none]
+    #[argh(option)]
+    pub audit_log: Option<String>,
+
+    /// this instance's name in audit lines [env DMR_INSTANCE] [default hostname:port]
+    #[argh(option)]
+    pub instance: Option<String>,
+
+    /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
+    #[argh(option, default = "LogFormat::Text")]
+    pub log_format: LogFormat,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -159,6 +180,10 @@ pub struct AgentArgs {
     /// [env DMR_WEBHOOK_RETRY_MAX] [default 60]
     #[argh(option, default = "60")]
     pub webhook_retry_max: u64,
+
+    /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
+    #[argh(option, default = "LogFormat::Text")]
+    pub log_format: LogFormat,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -283,6 +308,10 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("max-message-bytes", false),
             ("prefetch", false),
             ("handshake-timeout", false),
+            ("policy-file", false),
+            ("audit-log", false),
+            ("instance", false),
+            ("log-format", false),
         ],
     ),
 ];
@@ -299,6 +328,7 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("api-token", false),
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
+            ("log-format", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),

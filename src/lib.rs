@@ -17,16 +17,21 @@
 //! - `metrics`: Prometheus metrics of both binaries.
 //! - `signals`, [`process`]: process plumbing shared by both binaries.
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
+//! - [`policy`], [`audit`], [`logging`]: the relay's rules and limits, its audit log, and
+//!   the log format of both binaries.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod crypto;
 pub mod directory;
 pub mod http;
+pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod process;
 pub mod protocol;
 pub mod server;

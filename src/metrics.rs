@@ -116,6 +116,17 @@ impl ServerMetrics {
     pub(crate) fn render(&self) -> String {
         render(&self.registry)
     }
+
+    /// The exposition with `extra`'s metrics (unprefixed names) in the same document.
+    pub fn render_with(&self, extra: &Registry) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let mut out = String::new();
+        let written = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, extra))
+            .and_then(|()| encode_eof(&mut out));
+        written.expect("writing to a String cannot fail");
+        out
+    }
 }
 
 /// Metrics of one `dmr-agent` process.

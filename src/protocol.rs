@@ -269,6 +269,12 @@ pub enum RejectCode {
     BrokerRefused,
     /// RabbitMQ did not confirm in time; the message may or may not be stored.
     Timeout,
+    // New codes go last: postcard encodes the variant index, so appending keeps every
+    // earlier code's bytes (and older peers decoding them) unchanged.
+    /// The relay's policy (`--policy-file`) does not allow this sender, recipient and type.
+    Forbidden,
+    /// The sender is over its policy rate; it may try again after `retry_after_ms`.
+    RateLimited { retry_after_ms: u32 },
 }
 
 impl RejectCode {
@@ -281,6 +287,8 @@ impl RejectCode {
             Self::Unavailable => "unavailable",
             Self::BrokerRefused => "broker_refused",
             Self::Timeout => "timeout",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -467,6 +475,31 @@ mod tests {
             ClientFrame::decode(&g, 64),
             Err(ProtocolError::TrailingBytes(1))
         );
+    }
+
+    #[test]
+    fn reject_codes_keep_their_encoding() {
+        // Variant indexes are the wire format: appending codes must not renumber old ones.
+        let id = MessageId(Uuid::nil());
+        let encoded = |code| {
+            let f = ServerFrame::Rejected {
+                id,
+                code,
+                reason: String::new(),
+            };
+            let bytes = f.encode();
+            assert_eq!(ServerFrame::decode(&bytes, 1024).unwrap(), f);
+            // Variant 4 (Rejected), the id (length 16 and its bytes), the code, an empty reason.
+            bytes[18..bytes.len() - 1].to_vec()
+        };
+        assert_eq!(encoded(RejectCode::ForgedSender), [0]);
+        assert_eq!(encoded(RejectCode::Timeout), [5]);
+        assert_eq!(encoded(RejectCode::Forbidden), [6]);
+        let limited = RejectCode::RateLimited {
+            retry_after_ms: 1500,
+        };
+        assert_eq!(encoded(limited), [7, 0xdc, 0x0b]);
+        assert_eq!(limited.as_str(), "rate_limited");
     }
 
     #[test]

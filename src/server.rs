@@ -5,6 +5,7 @@
 //! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
 //! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
 
+mod guard;
 mod outstanding;
 mod session;
 mod sessions;
@@ -48,6 +49,12 @@ pub(crate) struct ServerConfig {
     pub(crate) handshake_timeout: Duration,
     /// A session with no frame (not even a pong) for this long is dropped.
     pub(crate) idle_timeout: Duration,
+    /// `--policy-file`: without one, everything the directory allows is allowed.
+    pub policy_file: Option<PathBuf>,
+    /// `--audit-log`: a path, or `-` for stdout.
+    pub audit_log: Option<String>,
+    /// This instance's name in audit lines.
+    pub instance: String,
 }
 
 impl ServerConfig {
@@ -95,7 +102,13 @@ impl ServerConfig {
         if let Some(&(flag, _, min)) = at_least_one.iter().find(|(_, v, _)| *v == 0) {
             return Err(ConfigError::TooSmall { flag, min });
         }
+        let instance = a
+            .instance
+            .unwrap_or_else(|| format!("{}:{}", crate::audit::hostname(), a.listen.port()));
         Ok(Self {
+            policy_file: a.policy_file,
+            audit_log: a.audit_log,
+            instance,
             listen: a.listen,
             amqp_urls,
             agents_file: a.agents_file,
@@ -132,6 +145,8 @@ pub(crate) struct Shared {
     metrics: ServerMetrics,
     /// Open sessions and publishes awaiting a confirm; shutdown waits for them.
     outstanding: Outstanding,
+    /// Policy, rate limits and audit log (`--policy-file`, `--audit-log`).
+    guard: guard::Guard,
     stopping: AtomicBool,
 }
 
@@ -155,6 +170,11 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some((cert, key)) => Some(transport::server_tls(cert, key)?),
         None => None,
     };
+    let guard = guard::Guard::new(
+        config.policy_file.as_deref(),
+        config.audit_log.as_deref(),
+        &config.instance,
+    )?;
     let broker = Broker::start(config.amqp_urls.clone(), config.topology.clone())?;
     let signals = signals::listen()?;
     smol::block_on(async move {
@@ -174,15 +194,19 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             sessions: Sessions::default(),
             metrics: ServerMetrics::default(),
             outstanding: Outstanding::default(),
+            guard,
             stopping: AtomicBool::new(false),
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
         let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
+        let policy_watcher = (shared.config.policy_file.clone())
+            .map(|path| smol::spawn(guard::watch(shared.clone(), path)));
         let stop = async {
             while let Ok(sig) = signals.recv().await {
                 match sig {
                     Signal::Reload => {
                         let _ = reload_tx.send(()).await;
+                        shared.guard.sighup();
                     }
                     Signal::Terminate => break,
                 }
@@ -194,6 +218,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         };
         http::serve(listener, tls, handler, stop).await;
         drop(watcher);
+        drop(policy_watcher);
         shutdown(&shared).await;
         Ok(())
     })
@@ -243,7 +268,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
 fn metrics(shared: &Shared) -> String {
     let up = shared.broker.is_connected();
     shared.metrics.rabbitmq_connected.set(up as i64);
-    shared.metrics.render()
+    shared.metrics.render_with(shared.guard.registry())
 }
 
 fn readyz(shared: &Shared) -> Response<Body> {

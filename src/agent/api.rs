@@ -167,12 +167,15 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
 struct Refusal {
     status: StatusCode,
     message: String,
+    /// Seconds for `Retry-After` (503 says 5 unless told otherwise).
+    retry_after: Option<u64>,
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
     Refusal {
         status,
         message: message.into(),
+        retry_after: None,
     }
 }
 
@@ -182,10 +185,14 @@ fn unavailable(message: impl Into<String>) -> Refusal {
 
 impl Refusal {
     fn into_response(self) -> Response<Body> {
+        let unavailable = self.status == StatusCode::SERVICE_UNAVAILABLE;
+        let retry = self.retry_after.or(unavailable.then_some(5));
         let mut r = http::error(self.status, self.message);
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(hyper::header::RETRY_AFTER, "5".parse().expect("static"));
+        if let Some(secs) = retry {
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(secs),
+            );
         }
         r
     }
@@ -290,5 +297,11 @@ fn rejection(code: RejectCode, reason: String) -> Refusal {
             format!("{reason}; sending again with the same id is safe"),
         ),
         RejectCode::ForgedSender => refuse(StatusCode::INTERNAL_SERVER_ERROR, reason),
+        RejectCode::Forbidden => refuse(StatusCode::FORBIDDEN, reason),
+        RejectCode::RateLimited { retry_after_ms } => Refusal {
+            // Whole seconds, rounded up, so a client waiting them finds a token there.
+            retry_after: Some(u64::from(retry_after_ms).div_ceil(1000).max(1)),
+            ..refuse(StatusCode::TOO_MANY_REQUESTS, reason)
+        },
     }
 }

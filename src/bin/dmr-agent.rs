@@ -3,13 +3,17 @@
 use dmr::config::{self, AgentCli, AgentCommand};
 
 fn main() {
-    dmr::process::init();
     let cli: AgentCli = config::parse(
         "dmr-agent",
         std::env::args().skip(1).collect(),
         config::AGENT_ENV_FLAGS,
         |k| std::env::var(k).ok(),
     );
+    let format = match &cli.command {
+        AgentCommand::Run(args) => args.log_format,
+        AgentCommand::Keygen(_) | AgentCommand::Trust(_) => Default::default(),
+    };
+    dmr::process::init_with(format);
     let result = match cli.command {
         AgentCommand::Keygen(args) => dmr::agent::keygen(&args),
         AgentCommand::Run(args) => dmr::agent::run(args),

@@ -3,7 +3,6 @@
 use dmr::config::{self, ServerCli, ServerCommand};
 
 fn main() {
-    dmr::process::init();
     let cli: ServerCli = config::parse(
         "dmr-server",
         std::env::args().skip(1).collect(),
@@ -11,8 +10,12 @@ fn main() {
         |k| std::env::var(k).ok(),
     );
     let result = match cli.command {
-        ServerCommand::Run(args) => dmr::server::run(args).map_err(|e| e.to_string()),
+        ServerCommand::Run(args) => {
+            dmr::process::init_with(args.log_format);
+            dmr::server::run(args).map_err(|e| e.to_string())
+        }
         ServerCommand::Directory(args) => {
+            dmr::process::init();
             dmr::signing::directory_command(&args).map_err(|e| e.to_string())
         }
     };

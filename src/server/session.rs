@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 
 use super::sessions::Event;
 use super::Shared;
+use crate::audit::{self, Meta};
 use crate::broker::{BrokerError, Consumer, Delivery};
 use crate::crypto::Challenge;
 use crate::protocol::{
@@ -171,6 +172,8 @@ struct Inflight {
     /// whole (bounded by the prefetch) so that a `Nack` can dead-letter it with its reason.
     tags: Mutex<HashMap<u64, (u64, Delivery)>>,
     consumer: Mutex<Option<(u64, Arc<Consumer>)>>,
+    /// Audit metadata of deliveries awaiting the agent's ack (only with `--audit-log`).
+    audit: Mutex<HashMap<u64, (u64, Meta)>>,
 }
 
 impl Inflight {
@@ -320,9 +323,12 @@ async fn reader(
 }
 
 async fn settle(shared: &Shared, inflight: &Inflight, delivery: u64, nack: Option<String>) {
+    let meta = lock(&inflight.audit).remove(&delivery);
     let Some((d, consumer)) = inflight.lookup(delivery) else {
         return log::debug!("ack/nack for unknown or stale delivery {delivery}");
     };
+    let meta = meta.map(|(_, m)| m);
+    shared.guard.settled(meta.as_ref(), nack.as_deref());
     let result = match &nack {
         None => {
             shared.metrics.acks.inc();
@@ -330,7 +336,7 @@ async fn settle(shared: &Shared, inflight: &Inflight, delivery: u64, nack: Optio
         }
         Some(reason) => {
             shared.metrics.nacks.inc();
-            dead_letter(shared, &consumer, &d, reason).await
+            dead_letter(shared, &consumer, &d, reason, meta.as_ref()).await
         }
     };
     if let Err(e) = result {
@@ -348,6 +354,7 @@ async fn dead_letter(
     consumer: &Consumer,
     d: &Delivery,
     reason: &str,
+    meta: Option<&Meta>,
 ) -> Result<(), BrokerError> {
     let id = d.message_id.as_deref().unwrap_or("without id");
     let sender = d.sender.as_deref().unwrap_or("?");
@@ -356,6 +363,7 @@ async fn dead_letter(
         Ok(()) => {
             log::warn!("message {id} from {sender} dead-lettered: {reason}");
             shared.metrics.dead_lettered.inc();
+            shared.guard.dead_lettered(meta, &reason);
             consumer.ack(d.tag).await
         }
         Err(e) => {
@@ -375,6 +383,11 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             .rejected
             .get_or_create(&[("code", code.as_str())])
             .inc();
+        let why = format!("{}: {reason}", code.as_str());
+        let bytes = envelope.encoded_len();
+        shared
+            .guard
+            .audit(audit::Event::Refused, h, bytes, Some(&why));
         ServerFrame::Rejected { id, code, reason }
     };
     if &h.sender != agent {
@@ -397,6 +410,10 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             format!("envelope of {} bytes exceeds {max}", body.len()),
         );
     }
+    if let Err((code, reason)) = shared.guard.check(&shared.directory(), h, body.len()) {
+        return reject(code, reason);
+    }
+    let bytes = body.len();
     let confirming = shared.outstanding.begin();
     let started = Instant::now();
     let result = shared.broker.publish(h, body).await;
@@ -408,6 +425,7 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
                 .confirm_seconds
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.accepted.inc();
+            shared.guard.audit(audit::Event::Accepted, h, bytes, None);
             ServerFrame::Accepted { id }
         }
         Err(e @ (BrokerError::NotConnected | BrokerError::Blocked(_))) => {
@@ -446,13 +464,17 @@ async fn pump(
                 Ok(e) => e,
                 Err(e) => {
                     let reason = format!("undecodable in the queue of {agent}: {e}");
-                    let _ = dead_letter(&shared, &consumer, &d, &reason).await;
+                    let _ = dead_letter(&shared, &consumer, &d, &reason, None).await;
                     continue;
                 }
             };
             let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
+            let bytes = d.body.len();
             lock(&inflight.tags).insert(delivery, (generation, d));
             shared.metrics.deliveries.inc();
+            if let Some(meta) = shared.guard.delivered(envelope.header(), bytes) {
+                crate::sync::lock(&inflight.audit).insert(delivery, (generation, meta));
+            }
             if out
                 .send(binary(&ServerFrame::Deliver { delivery, envelope }))
                 .await
@@ -462,6 +484,7 @@ async fn pump(
             }
         }
         lock(&inflight.tags).retain(|_, (g, _)| *g != generation);
+        lock(&inflight.audit).retain(|_, (g, _)| *g != generation);
         log::info!("agent {agent}: queue consumer ended; resuming when RabbitMQ is back");
         // Once the broker has retired the consumer's connection, `connected()` above is the
         // event to wait for. While the broker still counts that connection as live, either
