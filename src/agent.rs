@@ -12,7 +12,9 @@ mod bodies;
 mod inbox;
 mod link;
 mod outbox;
+mod receipt;
 mod replay;
+mod status;
 mod webhook;
 
 /// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
@@ -29,7 +31,8 @@ use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, Keygen
 use crate::crypto::SecretKey;
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
-use crate::protocol::{AgentId, ClientFrame, Limits};
+use crate::protocol::{AgentId, ClientFrame, Envelope, Limits};
+use crate::state::State;
 use crate::signals::{self, Signal};
 use crate::sync::{lock, read};
 
@@ -53,6 +56,34 @@ pub struct AgentConfig {
     pub webhook_retry_max: Duration,
     /// How long `POST /v1/messages` waits for the server's answer.
     pub send_timeout: Duration,
+    /// `--state-dir`: pinned keys, replay guard, message statuses, the outbox.
+    pub state_dir: PathBuf,
+    /// `--status-url`: where each status change of a sent message is posted.
+    pub status_url: Option<hyper::Uri>,
+    /// `--outbox-max-messages`.
+    pub outbox_max_messages: u64,
+}
+
+/// The state dir when `--state-dir` is not given: `$STATE_DIRECTORY/<id>` (systemd's
+/// `StateDirectory=`), else `/var/lib/dmr-agent/<id>`.
+pub fn default_state_dir(id: &AgentId, state_directory: Option<&std::ffi::OsStr>) -> PathBuf {
+    let base = state_directory
+        .filter(|s| !s.is_empty())
+        // systemd may list several, separated by colons: the first is ours.
+        .and_then(|s| s.to_str().map(|s| s.split(':').next().unwrap_or(s).to_owned()))
+        .map_or_else(|| PathBuf::from("/var/lib/dmr-agent"), PathBuf::from);
+    base.join(id.as_str())
+}
+
+fn http_url(flag: &'static str, u: String) -> Result<hyper::Uri, ConfigError> {
+    u.parse::<hyper::Uri>()
+        .ok()
+        .filter(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")))
+        .ok_or_else(|| ConfigError::Invalid {
+            flag,
+            value: u.clone(),
+            why: "not an http(s) URL".into(),
+        })
 }
 
 impl AgentConfig {
@@ -88,6 +119,14 @@ impl AgentConfig {
                     })?,
             ),
         };
+        let status_url = a
+            .status_url
+            .filter(|u| !u.is_empty())
+            .map(|u| http_url("--status-url", u))
+            .transpose()?;
+        let state_dir = a.state_dir.unwrap_or_else(|| {
+            default_state_dir(&id, std::env::var_os("STATE_DIRECTORY").as_deref())
+        });
         if a.max_concurrent_deliveries == 0 {
             return Err(ConfigError::TooSmall {
                 flag: "--max-concurrent-deliveries",
@@ -106,6 +145,9 @@ impl AgentConfig {
             message_ttl_ms: a.message_ttl.saturating_mul(1000),
             webhook_retry_max: Duration::from_secs(a.webhook_retry_max.max(1)),
             send_timeout: Duration::from_secs(30),
+            state_dir,
+            status_url,
+            outbox_max_messages: a.outbox_max_messages,
         })
     }
 }
@@ -131,6 +173,15 @@ struct Agent {
     tls: Option<futures_rustls::TlsConnector>,
     /// Delivery to the local service, shared by every delivery in progress.
     webhook: webhook::Webhook,
+    /// The open state dir.
+    state: Arc<State>,
+    /// Statuses of the messages this agent sent.
+    statuses: Arc<status::Statuses>,
+    /// Receipts sealed by the inbox, waiting to be sent (see `receipt::run`).
+    receipts: (
+        async_channel::Sender<Envelope>,
+        async_channel::Receiver<Envelope>,
+    ),
 }
 
 impl Agent {
@@ -176,16 +227,29 @@ impl Agent {
         let pem = std::fs::read_to_string(&config.key_path)
             .map_err(|e| format!("cannot read --key {path}: {e}"))?;
         let key = SecretKey::from_pem(&pem).map_err(|e| format!("--key {path}: {e}"))?;
-        let https_webhook = config
-            .deliver_url
-            .as_ref()
-            .is_some_and(|u| u.scheme_str() == Some("https"));
+        let https_webhook = [&config.deliver_url, &config.status_url]
+            .iter()
+            .any(|u| u.as_ref().is_some_and(|u| u.scheme_str() == Some("https")));
         let tls = match config.servers.iter().any(|s| s.tls) || https_webhook {
             true => Some(crate::transport::client_tls(config.ca_file.as_deref())?),
             false => None,
         };
         let webhook_retry_max = config.webhook_retry_max;
+        let state = Arc::new(State::open(&config.state_dir)?);
+        let stored = state.outbox_len()?;
+        if stored > 0 {
+            log::info!("{stored} messages wait in the outbox from an earlier run");
+        }
+        let statuses = Arc::new(status::Statuses::new(
+            state.clone(),
+            config.message_ttl_ms,
+            config.status_url.is_some(),
+        ));
         Ok(Arc::new(Agent {
+            outbox: outbox::Outbox::new(stored, config.outbox_max_messages),
+            state,
+            statuses,
+            receipts: async_channel::unbounded(),
             deliveries: Semaphore::new(config.max_concurrent_deliveries),
             replay: Mutex::new(replay::Guard::default()),
             config,
@@ -193,7 +257,6 @@ impl Agent {
             directory: RwLock::default(),
             limits: RwLock::default(),
             link: Mutex::default(),
-            outbox: outbox::Outbox::default(),
             metrics: AgentMetrics::default(),
             webhook: webhook::Webhook::new(
                 crate::http::Client::new(tls.clone()),
@@ -225,6 +288,15 @@ async fn serve(
         log::warn!("no --deliver-url: incoming messages stay in the queue until one is configured");
     }
     let link = smol::spawn(link::run(agent.clone()));
+    let (stop_writer, writer_stop) = async_channel::bounded::<()>(1);
+    let writer = smol::spawn(status::run_writer(agent.statuses.clone(), writer_stop));
+    let drain = smol::spawn(outbox::drain(agent.clone()));
+    let receipts = smol::spawn(receipt::run(agent.clone()));
+    let notifier = agent.config.status_url.clone().map(|url| {
+        let client = crate::http::Client::new(agent.tls.clone());
+        let retry = agent.config.webhook_retry_max;
+        smol::spawn(status::run_notifier(agent.statuses.clone(), client, url, retry))
+    });
     let stop = async {
         while let Ok(sig) = signals.recv().await {
             if sig == Signal::Terminate {
@@ -239,7 +311,10 @@ async fn serve(
     crate::http::serve(listener, None, handler, stop).await;
     log::info!("stopping: finishing deliveries in progress");
     inbox::drain(&agent, Duration::from_secs(10)).await;
-    drop(link);
+    drop((link, drain, receipts, notifier));
+    stop_writer.close();
+    writer.await;
+    status::flush(&agent.statuses).await;
     log::info!("stopped");
     Ok(())
 }

@@ -23,6 +23,7 @@ mod connect;
 mod consumer;
 mod declare;
 mod error;
+mod notice;
 mod publisher;
 mod supervisor;
 mod topology;
@@ -38,6 +39,7 @@ use futures_lite::future;
 
 pub use consumer::{Consumer, Delivery};
 pub use error::BrokerError;
+pub use notice::HEADER_NOTICE;
 pub use topology::Topology;
 
 use crate::protocol::{AgentId, Header};
@@ -363,6 +365,9 @@ impl Broker {
             .collect();
         ops.push(Op::DeleteQueue {
             queue: topology.dlq(),
+        });
+        ops.push(Op::DeleteQueue {
+            queue: topology.failures(),
         });
         ops.push(Op::DeleteExchange {
             exchange: topology.exchange(),

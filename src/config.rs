@@ -181,6 +181,22 @@ pub struct AgentArgs {
     #[argh(option, default = "60")]
     pub webhook_retry_max: u64,
 
+    /// directory of this agent's state (pinned keys, replay guard, message statuses, the
+    /// outbox) [env DMR_STATE_DIR] [default $STATE_DIRECTORY/<id>, else
+    /// /var/lib/dmr-agent/<id>]
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+
+    /// URL the agent POSTs each status change of a sent message to (queued, sent,
+    /// delivered, failed) [env DMR_STATUS_URL] [default none]
+    #[argh(option)]
+    pub status_url: Option<String>,
+
+    /// most messages kept in the outbox while no relay can take them; when full, sends
+    /// are refused with 503 [env DMR_OUTBOX_MAX_MESSAGES] [default 10000]
+    #[argh(option, default = "10_000")]
+    pub outbox_max_messages: u64,
+
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
@@ -328,6 +344,9 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("api-token", false),
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
+            ("state-dir", false),
+            ("status-url", false),
+            ("outbox-max-messages", false),
             ("log-format", false),
         ],
     ),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks. `Hello` carries it first, so a peer of any
 /// version can read it and refuse with a clear reason.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
 pub const FRAME_OVERHEAD: usize = 4 * 1024;
@@ -140,6 +140,54 @@ impl Kind {
     /// The kind used when a local service does not name one.
     pub fn chat_message() -> Self {
         Self("ChatMessage".to_owned())
+    }
+
+    /// The reserved kind of a delivery receipt (see [`RECEIPT_KIND`]).
+    pub fn receipt() -> Self {
+        Self(RECEIPT_KIND.to_owned())
+    }
+
+    /// Whether this is the receipt kind.
+    pub fn is_receipt(&self) -> bool {
+        self.0 == RECEIPT_KIND
+    }
+
+    /// Kinds starting with `dmr.` are DMR's own; a local service may not send them.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with(RESERVED_KIND_PREFIX)
+    }
+}
+
+/// Kinds with this prefix belong to DMR itself (receipts), never to local services.
+pub const RESERVED_KIND_PREFIX: &str = "dmr.";
+
+/// The kind of a delivery receipt: an ordinary sealed envelope from the recipient agent
+/// back to the sender whose sealed body names the delivered message id. Sealed and
+/// authenticated like any message, so the relay cannot forge a "delivered".
+pub const RECEIPT_KIND: &str = "dmr.receipt";
+
+/// What a server tells a sender about one of its messages the relay dead-lettered
+/// (expired, over the delivery limit, refused by the recipient). Sent by the relay, so not
+/// authenticated: a hostile relay can claim a failure, never a delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The sender's message that failed.
+    pub id: MessageId,
+    /// Whom it was addressed to.
+    pub recipient: AgentId,
+    /// Why, in words (from `x-dmr-reason` or RabbitMQ's `x-death`).
+    pub reason: String,
+}
+
+impl Notice {
+    /// The notice as stored in RabbitMQ (postcard).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Parses a notice read back from RabbitMQ.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        decode(bytes, 4096)
     }
 }
 
@@ -348,6 +396,15 @@ pub enum ServerFrame {
     Deliver {
         delivery: u64,
         envelope: Envelope,
+    },
+    // New frames go last (postcard encodes the variant index).
+    /// The relay dead-lettered the agent's message `id` to `recipient`, for `reason`. The
+    /// agent acks it like a delivery. Not authenticated (see [`Notice`]).
+    Notice {
+        delivery: u64,
+        id: MessageId,
+        recipient: AgentId,
+        reason: String,
     },
 }
 

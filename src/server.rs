@@ -199,6 +199,8 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
         let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
+        // Every server relays failure notices to senders (competing consumers).
+        let notices = smol::spawn(shared.broker.clone().relay_failures());
         let policy_watcher = (shared.config.policy_file.clone())
             .map(|path| smol::spawn(guard::watch(shared.clone(), path)));
         let stop = async {
@@ -219,6 +221,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         http::serve(listener, tls, handler, stop).await;
         drop(watcher);
         drop(policy_watcher);
+        notices.cancel().await;
         shutdown(&shared).await;
         Ok(())
     })

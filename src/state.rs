@@ -33,6 +33,9 @@ use crate::crypto::PublicKey;
 use crate::protocol::{AgentId, MessageId};
 use crate::sync::lock;
 
+mod sent;
+pub use sent::{Status, StatusRecord};
+
 const DB_FILE: &str = "state.redb";
 const LOCK_FILE: &str = "lock";
 
@@ -259,6 +262,7 @@ impl State {
             in_flight: Mutex::default(),
         };
         state.create_tables()?;
+        state.create_sent_tables()?;
         Ok(state)
     }
 

@@ -10,12 +10,12 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::bodies::{check_fresh, now_ms, SendRequest};
-use super::outbox::Outcome;
-use super::{Agent, Link};
+use super::bodies::{check_fresh, now_ms, SendRequest, Sealed};
+use super::outbox::{dispatch, Dispatched};
+use super::Agent;
 use crate::crypto;
 use crate::http::{self, Body};
-use crate::protocol::{ClientFrame, Envelope, Header, MessageId, RejectCode};
+use crate::protocol::{Envelope, Header, RejectCode};
 /// Time a client has to send the whole request body once its headers arrived (hyper gives
 /// the headers the same 10 s), so a stalled upload cannot hold a connection forever.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +30,9 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
     }
     match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/messages") => send(&agent, req).await,
+        (&Method::GET, p) if p.starts_with("/v1/messages/") => {
+            super::status::get(&agent, &p["/v1/messages/".len()..])
+        }
         (&Method::GET, "/v1/agents") => agents(&agent),
         (&Method::GET, "/v1/health") => health(&agent),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
@@ -149,10 +152,15 @@ async fn send(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = check_fresh(request.created_at_ms, agent.config.message_ttl_ms, now) {
         return http::error(StatusCode::BAD_REQUEST, format!("timestamp: {e}"));
     }
+    // A repeated id is answered with what became of it, never sent twice.
+    if let Some(known) = super::status::lookup(agent, request.id) {
+        return http::json(StatusCode::OK, &known);
+    }
+    let id = request.id;
     let response = match deliver(agent, request).await {
-        Ok(id) => http::json(
+        Ok(status) => http::json(
             StatusCode::ACCEPTED,
-            &serde_json::json!({ "id": id.to_string() }),
+            &serde_json::json!({ "id": id.to_string(), "status": status }),
         ),
         Err(r) => r.into_response(),
     };
@@ -198,50 +206,32 @@ impl Refusal {
     }
 }
 
-async fn deliver(agent: &Agent, r: SendRequest) -> Result<MessageId, Refusal> {
-    let Some(link) = agent.link() else {
-        return Err(unavailable("not connected to a DMR server; retry later"));
-    };
+/// Seals and sends (or stores) the request; the status for the 202 body.
+async fn deliver(agent: &Agent, r: SendRequest) -> Result<&'static str, Refusal> {
     let id = r.id;
     let envelope = seal(agent, r)?;
-    let outcome = submit(agent, &link, envelope).await?;
-    answer(agent, id, outcome)
-}
-
-/// Puts `envelope` in the outbox, sends it and waits for the server's answer; `None` when
-/// none came in time.
-async fn submit(
-    agent: &Agent,
-    link: &Link,
-    envelope: Envelope,
-) -> Result<Option<Outcome>, Refusal> {
-    let id = envelope.header().id;
-    let answer = agent
-        .outbox
-        .begin(envelope.clone())
-        .map_err(|e| refuse(StatusCode::CONFLICT, e.to_string()))?;
-    agent.metrics.sent.inc();
-    // If this link has just dropped, the envelope stays in the outbox and the next link
-    // sends it.
-    let _ = link.frames.send(ClientFrame::Send { envelope }).await;
-    let waited = crate::wait::with_timeout(agent.config.send_timeout, answer.recv()).await;
-    let outcome = waited.and_then(Result::ok);
-    if outcome.is_none() {
-        // Settled sends already left the outbox; one nobody waits for stops being re-sent.
-        agent.outbox.forget(id);
-    }
-    Ok(outcome)
-}
-
-/// Turns the server's answer (or its absence) into the API's, counting it.
-fn answer(agent: &Agent, id: MessageId, outcome: Option<Outcome>) -> Result<MessageId, Refusal> {
-    let (code, response) = match outcome {
-        Some(Outcome::Accepted) => {
+    let (code, refusal) = match dispatch(agent, envelope).await {
+        Dispatched::Sent => {
             agent.metrics.accepted.inc();
-            return Ok(id);
+            return Ok("sent");
         }
-        Some(Outcome::Rejected(code, reason)) => (code.as_str(), rejection(code, reason)),
-        None => (
+        Dispatched::Queued => return Ok("queued"),
+        Dispatched::AlreadyPending => return Ok("queued"),
+        Dispatched::Full(n) => (
+            "outbox_full",
+            Refusal {
+                retry_after: Some(30),
+                ..unavailable(format!(
+                    "the outbox is full ({n} messages wait for a relay, --outbox-max-messages); retry later"
+                ))
+            },
+        ),
+        Dispatched::Unstorable(e) => (
+            "unstorable",
+            unavailable(format!("cannot store the message in the outbox: {e}")),
+        ),
+        Dispatched::Rejected(code, reason) => (code.as_str(), rejection(code, reason)),
+        Dispatched::NoAnswer => (
             "no_answer",
             refuse(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -249,12 +239,13 @@ fn answer(agent: &Agent, id: MessageId, outcome: Option<Outcome>) -> Result<Mess
             ),
         ),
     };
+    log::debug!("message {id} refused: {}", refusal.message);
     agent
         .metrics
         .rejected
         .get_or_create(&[("code", code)])
         .inc();
-    Err(response)
+    Err(refusal)
 }
 
 /// Seals the request to the recipient's current key, within the server's size limit.
@@ -263,6 +254,7 @@ fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
         let e = format!("recipientId: unknown agent {}", r.recipient);
         return Err(refuse(StatusCode::NOT_FOUND, e));
     };
+    let plaintext = Sealed::of(&r).to_plaintext();
     let header = Header {
         id: r.id,
         sender: agent.config.id.clone(),
@@ -270,7 +262,6 @@ fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
         created_at_ms: r.created_at_ms,
         kind: r.kind,
     };
-    let plaintext = serde_json::to_vec(&r.payload).expect("a Value always serializes");
     let envelope = crypto::seal(&agent.key, &recipient.public_key, header, &plaintext)
         .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match agent.limits() {

@@ -23,7 +23,14 @@ pub struct SendRequest {
     pub kind: Kind,
     pub created_at_ms: u64,
     pub payload: Value,
+    /// The message this one answers (`inReplyTo`), sealed with the payload.
+    pub in_reply_to: Option<MessageId>,
+    /// The conversation it belongs to (`conversationId`, at most 128 characters), sealed.
+    pub conversation_id: Option<String>,
 }
+
+/// Longest `conversationId`, in characters.
+pub const MAX_CONVERSATION_ID_CHARS: usize = 128;
 
 /// Why a `POST /v1/messages` body was refused; the text names the field at fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +82,8 @@ impl SendRequest {
             payload: o
                 .remove("payload")
                 .ok_or_else(|| bad("payload", "required (any JSON value)"))?,
+            in_reply_to: in_reply_to(o.remove("inReplyTo"))?,
+            conversation_id: conversation_id(o.remove("conversationId"))?,
         })
     }
 }
@@ -100,8 +109,101 @@ fn recipient(v: Option<Value>) -> Result<AgentId, SendRequestError> {
 fn kind(v: Option<Value>) -> Result<Kind, SendRequestError> {
     match v {
         None | Some(Value::Null) => Ok(Kind::chat_message()),
-        Some(Value::String(s)) => Kind::new(s).map_err(|e| bad("type", e)),
+        Some(Value::String(s)) => match Kind::new(s).map_err(|e| bad("type", e))? {
+            k if k.is_reserved() => Err(bad(
+                "type",
+                format!("{k} is reserved: types starting with \"dmr.\" are DMR's own"),
+            )),
+            k => Ok(k),
+        },
         Some(_) => Err(bad("type", "must be a string")),
+    }
+}
+
+fn in_reply_to(v: Option<Value>) -> Result<Option<MessageId>, SendRequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Uuid::parse_str(&s)
+            .map(|u| Some(MessageId(u)))
+            .map_err(|e| bad("inReplyTo", format!("not a message id (UUID): {e}"))),
+        Some(_) => Err(bad("inReplyTo", "must be a message id (UUID string)")),
+    }
+}
+
+fn conversation_id(v: Option<Value>) -> Result<Option<String>, SendRequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(bad("conversationId", "must not be empty")),
+        Some(Value::String(s)) if s.chars().count() > MAX_CONVERSATION_ID_CHARS => Err(bad(
+            "conversationId",
+            format!("longer than {MAX_CONVERSATION_ID_CHARS} characters"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(bad("conversationId", "must be a string")),
+    }
+}
+
+/// What the sender's agent seals: the payload and the correlation fields, so the relay
+/// sees neither. Encoded as `{"payload":…, "inReplyTo"?:…, "conversationId"?:…}`.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Sealed {
+    pub payload: Value,
+    pub in_reply_to: Option<MessageId>,
+    pub conversation_id: Option<String>,
+}
+
+impl Sealed {
+    pub(super) fn of(r: &SendRequest) -> Self {
+        Self {
+            payload: r.payload.clone(),
+            in_reply_to: r.in_reply_to,
+            conversation_id: r.conversation_id.clone(),
+        }
+    }
+
+    /// The plaintext to seal.
+    pub(super) fn to_plaintext(&self) -> Vec<u8> {
+        let mut o = serde_json::Map::new();
+        o.insert("payload".into(), self.payload.clone());
+        if let Some(id) = self.in_reply_to {
+            o.insert("inReplyTo".into(), id.to_string().into());
+        }
+        if let Some(c) = &self.conversation_id {
+            o.insert("conversationId".into(), c.clone().into());
+        }
+        Value::Object(o).to_string().into_bytes()
+    }
+
+    #[cfg(test)]
+    pub(super) fn from_plaintext(plaintext: &[u8]) -> Result<Self, serde_json::Error> {
+        Ok(Self::from_value(serde_json::from_slice(plaintext)?))
+    }
+
+    /// Reads an opened plaintext's JSON. An object with `payload` and nothing but the
+    /// correlation fields is this format; any other JSON is a bare payload (what protocol
+    /// version 1 agents and simple test peers seal).
+    pub(super) fn from_value(v: Value) -> Self {
+        let wrapped = |o: &serde_json::Map<String, Value>| {
+            o.contains_key("payload")
+                && o.keys()
+                    .all(|k| matches!(k.as_str(), "payload" | "inReplyTo" | "conversationId"))
+        };
+        match v {
+            Value::Object(mut o) if wrapped(&o) => {
+                let in_reply_to = in_reply_to(o.remove("inReplyTo")).ok().flatten();
+                let conversation_id = conversation_id(o.remove("conversationId")).ok().flatten();
+                Self {
+                    payload: o.remove("payload").unwrap_or(Value::Null),
+                    in_reply_to,
+                    conversation_id,
+                }
+            }
+            other => Self {
+                payload: other,
+                in_reply_to: None,
+                conversation_id: None,
+            },
+        }
     }
 }
 
@@ -114,15 +216,21 @@ fn created_at(v: Option<Value>, now_ms: u64) -> Result<u64, SendRequestError> {
 }
 
 /// The `POST <deliver-url>` body for an opened message.
-pub(super) fn webhook_body(h: &Header, payload: Value) -> Bytes {
-    let body = serde_json::json!({
+pub(super) fn webhook_body(h: &Header, sealed: Sealed) -> Bytes {
+    let mut body = serde_json::json!({
         "id": h.id.to_string(),
         "senderId": h.sender,
         "recipientId": h.recipient,
         "timestamp": format_timestamp(h.created_at_ms),
         "type": h.kind,
-        "payload": payload,
+        "payload": sealed.payload,
     });
+    if let Some(id) = sealed.in_reply_to {
+        body["inReplyTo"] = id.to_string().into();
+    }
+    if let Some(c) = sealed.conversation_id {
+        body["conversationId"] = c.into();
+    }
     Bytes::from(body.to_string())
 }
 
@@ -259,11 +367,51 @@ pub(super) mod tests {
         assert!(check_fresh(u64::MAX, 0, 0).is_err());
     }
 
+    fn bare(payload: Value) -> Sealed {
+        Sealed {
+            payload,
+            in_reply_to: None,
+            conversation_id: None,
+        }
+    }
+
+    #[test]
+    fn correlation_fields_are_checked_sealed_and_shown() {
+        let r = SendRequest::parse(
+            br#"{"recipientId":"tax","payload":{"payload":1},"inReplyTo":"5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10","conversationId":"case-7"}"#,
+            0,
+        )
+        .unwrap();
+        let sealed = Sealed::of(&r);
+        let opened = Sealed::from_plaintext(&sealed.to_plaintext()).unwrap();
+        assert_eq!(opened, sealed);
+        let body: Value = serde_json::from_slice(&webhook_body(&header(0), opened)).unwrap();
+        assert_eq!(body["inReplyTo"], "5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10");
+        assert_eq!(body["conversationId"], "case-7");
+        assert_eq!(body["payload"], serde_json::json!({"payload": 1}));
+        // A bare payload (a version 1 peer) still opens.
+        let old = Sealed::from_plaintext(br#"{"q":1}"#).unwrap();
+        assert_eq!(old, bare(serde_json::json!({"q": 1})));
+        let long = "x".repeat(129);
+        for (extra, field) in [
+            (r#""inReplyTo":"nope""#.to_owned(), "inReplyTo"),
+            (r#""inReplyTo":7"#.to_owned(), "inReplyTo"),
+            (format!(r#""conversationId":"{long}""#), "conversationId"),
+            (r#""conversationId":"""#.to_owned(), "conversationId"),
+            (r#""conversationId":{}"#.to_owned(), "conversationId"),
+            (r#""type":"dmr.receipt""#.to_owned(), "type"),
+        ] {
+            let body = format!(r#"{{"recipientId":"a","payload":1,{extra}}}"#);
+            let e = SendRequest::parse(body.as_bytes(), 0).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{e} should name {field}");
+        }
+    }
+
     #[test]
     fn webhook_body_carries_the_header_and_payload() {
         let h = header(1_735_787_045_678);
         let body: Value =
-            serde_json::from_slice(&webhook_body(&h, serde_json::json!({"q": 1}))).unwrap();
+            serde_json::from_slice(&webhook_body(&h, bare(serde_json::json!({"q": 1})))).unwrap();
         assert_eq!(
             body,
             serde_json::json!({

@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::bodies::{check_fresh, now_ms, webhook_body, Stale, CLOCK_SKEW_MS};
+use super::bodies::{check_fresh, now_ms, webhook_body, Sealed, Stale, CLOCK_SKEW_MS};
 use super::replay::Verdict;
 use super::webhook::WebhookError;
 use super::Agent;
@@ -63,6 +63,10 @@ pub(super) async fn handle(
     envelope: Envelope,
 ) {
     let h = envelope.header();
+    if h.kind.is_receipt() {
+        // Never posted to the webhook: it updates a sent message's status.
+        return super::receipt::handle(agent, generation, frames, delivery, envelope).await;
+    }
     let Some(url) = agent.config.deliver_url.clone() else {
         // Nowhere to deliver: answer nothing, so the message stays unacknowledged and goes
         // back to the queue when this agent disconnects. A `Nack` would dead-letter it. The
@@ -144,12 +148,13 @@ async fn open_and_post(
     url: &hyper::Uri,
 ) -> Result<(), DeliveryError> {
     let h = envelope.header();
-    let body = webhook_body(h, open(agent, envelope).await?);
+    let body = webhook_body(h, Sealed::from_value(open(agent, envelope).await?));
     agent
         .webhook
         .deliver(url, body, &agent.metrics)
         .await
         .map_err(DeliveryError::Refused)?;
+    super::receipt::send_for(agent, h);
     agent.metrics.delivered.inc();
     let age = now_ms().saturating_sub(h.created_at_ms) as f64 / 1000.0;
     agent.metrics.delivery_seconds.observe(age);
@@ -157,7 +162,10 @@ async fn open_and_post(
 }
 
 /// Opens `envelope` with our key and its sender's, into the JSON payload it carries.
-async fn open(agent: &Agent, envelope: &Envelope) -> Result<serde_json::Value, DeliveryError> {
+pub(super) async fn open(
+    agent: &Agent,
+    envelope: &Envelope,
+) -> Result<serde_json::Value, DeliveryError> {
     let h = envelope.header();
     let sender = match agent.directory().get(&h.sender).cloned() {
         Some(s) => s,

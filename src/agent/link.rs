@@ -182,6 +182,7 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
     if resent > 0 {
         log::info!("re-sent {resent} messages that were waiting for an answer");
     }
+    agent.outbox.wake();
     let writer = async {
         match transport::write_loop(&mut tx, &out, |f| Message::binary(f.encode())).await {
             Ok(()) => LinkError::Stopped,
@@ -313,6 +314,18 @@ fn dispatch(
             let d = Directory::from_entries(&directory);
             log::info!("directory update: {} agents", d.len());
             *write(&agent.directory) = Arc::new(d);
+        }
+        ServerFrame::Notice {
+            delivery,
+            id,
+            recipient,
+            reason,
+        } => {
+            // From the relay, not authenticated: it can only ever turn a status to failed.
+            if !agent.statuses.failed_notice(id, &recipient, reason) {
+                log::debug!("failure notice for {id}, which this agent does not know as sent");
+            }
+            let _ = frames.try_send(ClientFrame::Ack { delivery });
         }
         ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. } => {
             return Err(LinkError::Unexpected("handshake frame after the handshake"))

@@ -188,6 +188,15 @@ async fn declare_exchanges_and_dlq(
             exchange: topology.dlx(),
             key: String::new(),
         },
+        Op::Queue {
+            queue: topology.failures(),
+            arguments: topology.dlq_arguments(),
+        },
+        Op::Bind {
+            queue: topology.failures(),
+            exchange: topology.dlx(),
+            key: String::new(),
+        },
     ] {
         match declarer.run(op).await {
             Ok(_) => {}

@@ -49,6 +49,12 @@ impl Topology {
         format!("{}dmr.dlq", self.prefix)
     }
 
+    /// The queue of dead-lettered copies that servers turn into failure notices for the
+    /// senders (bound to [`Topology::dlx`] beside the DLQ): `{prefix}dmr.failures`.
+    pub(crate) fn failures(&self) -> String {
+        format!("{}dmr.failures", self.prefix)
+    }
+
     /// Checks that RabbitMQ will accept these names and arguments.
     pub(crate) fn validate(&self) -> Result<(), BrokerError> {
         // The longest name is the queue of an agent with a 64-character id.

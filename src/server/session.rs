@@ -33,6 +33,9 @@ use crate::wait::{with_timeout, Backoff};
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
 
+/// Largest receipt envelope exempt from the policy (a real one is about 250 bytes).
+const MAX_RECEIPT_BYTES: usize = 1024;
+
 /// Publishes one session may have waiting for RabbitMQ confirms at once.
 const MAX_PENDING_SENDS: usize = 256;
 
@@ -410,7 +413,13 @@ async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerF
             format!("envelope of {} bytes exceeds {max}", body.len()),
         );
     }
-    if let Err((code, reason)) = shared.guard.check(&shared.directory(), h, body.len()) {
+    // Receipts are exempt from the policy's rules and rates: small by construction, never
+    // shown to a local service, and a sender must be able to learn of every delivery.
+    let receipt = h.kind.is_receipt() && body.len() <= MAX_RECEIPT_BYTES;
+    if let Err((code, reason)) = match receipt {
+        true => Ok(()),
+        false => shared.guard.check(&shared.directory(), h, body.len()),
+    } {
         return reject(code, reason);
     }
     let bytes = body.len();
@@ -460,6 +469,12 @@ async fn pump(
         *lock(&inflight.consumer) = Some((generation, consumer.clone()));
         while let Some(d) = consumer.next().await {
             retry.reset();
+            if let Some(notice) = d.notice() {
+                if !forward_notice(&inflight, generation, d, notice, &consumer, &out).await {
+                    return;
+                }
+                continue;
+            }
             let envelope = match Envelope::from_bytes(&d.body, max) {
                 Ok(e) => e,
                 Err(e) => {
@@ -496,4 +511,34 @@ async fn pump(
             retry.wait().await;
         }
     }
+}
+
+/// Hands a failure notice from the agent's queue to the agent as a `Notice` frame (acked
+/// like a delivery); an undecodable one is acked and dropped. `false` once the session's
+/// writer is gone.
+async fn forward_notice(
+    inflight: &Inflight,
+    generation: u64,
+    d: Delivery,
+    notice: Result<crate::protocol::Notice, crate::protocol::ProtocolError>,
+    consumer: &Consumer,
+    out: &async_channel::Sender<Message>,
+) -> bool {
+    let notice = match notice {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("dropping an undecodable failure notice: {e}");
+            let _ = consumer.ack(d.tag).await;
+            return true;
+        }
+    };
+    let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
+    lock(&inflight.tags).insert(delivery, (generation, d));
+    let frame = ServerFrame::Notice {
+        delivery,
+        id: notice.id,
+        recipient: notice.recipient,
+        reason: notice.reason,
+    };
+    out.send(binary(&frame)).await.is_ok()
 }

@@ -136,6 +136,7 @@ impl Drop for World {
             .map(|a| self.queue(a.id.as_str()))
             .collect();
         queues.push(self.dlq());
+        queues.push(format!("{}dmr.failures", self.prefix));
         let exchanges = [
             format!("{}dmr.messages", self.prefix),
             format!("{}dmr.dlx", self.prefix),
@@ -431,11 +432,29 @@ pub fn agent_args(
         servers.into(),
         "--listen".into(),
         listen.to_string(),
+        // One state dir per process: tests run several agents (even with one id) at once.
+        "--state-dir".into(),
+        default_state_dir(key, id, listen).display().to_string(),
     ];
     if let Some(d) = deliver {
         args.extend(["--deliver-url".into(), d]);
     }
     args
+}
+
+/// The state dir `agent_args` gives: beside the key, unique per agent id and API port.
+pub fn default_state_dir(key: &Path, id: &str, listen: SocketAddr) -> PathBuf {
+    let base = key.parent().unwrap_or(Path::new("."));
+    base.join("state").join(format!("{id}-{}", listen.port()))
+}
+
+/// Replaces the `--state-dir` of `args` with the one in `extra`, if `extra` has one.
+fn override_state_dir(args: &mut Vec<String>, extra: &[&str]) {
+    if extra.contains(&"--state-dir") {
+        if let Some(i) = args.iter().position(|a| a == "--state-dir") {
+            args.drain(i..i + 2);
+        }
+    }
 }
 
 /// One metric of the process serving `/metrics` on `addr` (0 when absent or unreachable).
@@ -703,6 +722,7 @@ impl AgentProc {
     ) -> Self {
         let key = &world.agent(id).key_path;
         let mut args = agent_args(id, key, servers, addr, deliver);
+        override_state_dir(&mut args, extra);
         args.extend(extra.iter().map(|s| s.to_string()));
         let name = format!("agent-{id}-{}", addr.port());
         let mut a = Self {
