@@ -32,8 +32,8 @@ use crate::crypto::SecretKey;
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
 use crate::protocol::{AgentId, ClientFrame, Envelope, Limits};
-use crate::state::State;
 use crate::signals::{self, Signal};
+use crate::state::State;
 use crate::sync::{lock, read};
 
 /// The largest message assumed until the server's `Welcome` tells its real limit.
@@ -70,7 +70,10 @@ pub fn default_state_dir(id: &AgentId, state_directory: Option<&std::ffi::OsStr>
     let base = state_directory
         .filter(|s| !s.is_empty())
         // systemd may list several, separated by colons: the first is ours.
-        .and_then(|s| s.to_str().map(|s| s.split(':').next().unwrap_or(s).to_owned()))
+        .and_then(|s| {
+            s.to_str()
+                .map(|s| s.split(':').next().unwrap_or(s).to_owned())
+        })
         .map_or_else(|| PathBuf::from("/var/lib/dmr-agent"), PathBuf::from);
     base.join(id.as_str())
 }
@@ -295,7 +298,12 @@ async fn serve(
     let notifier = agent.config.status_url.clone().map(|url| {
         let client = crate::http::Client::new(agent.tls.clone());
         let retry = agent.config.webhook_retry_max;
-        smol::spawn(status::run_notifier(agent.statuses.clone(), client, url, retry))
+        smol::spawn(status::run_notifier(
+            agent.statuses.clone(),
+            client,
+            url,
+            retry,
+        ))
     });
     let stop = async {
         while let Ok(sig) = signals.recv().await {

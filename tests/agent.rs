@@ -189,7 +189,7 @@ fn round_trip_both_ways_delivers_the_exact_body() {
     assert_eq!(status, 202, "{answer}");
     assert_eq!(
         answer,
-        json!({ "id": id_ba }),
+        json!({ "id": id_ba, "status": "sent" }),
         "the 202 carries the caller's id"
     );
 
@@ -690,9 +690,9 @@ fn api_errors_have_the_right_status_and_name_the_field() {
     let (status, _) = a.post("/v1/messages", good, &[("Authorization", &bearer)]);
     assert_eq!(status, 202);
 
-    // While the agent has no server, a send is stored in its outbox: 202 "queued" (it was
-    // 503 before the durable outbox). Point it at a port where nobody listens (so it never
-    // becomes ready; do not wait for that).
+    // An agent that has never reached a server knows no recipient yet: 404, not queued
+    // (tests/status.rs covers the outbox, for an agent that lost its servers). Point it
+    // at a port where nobody listens (so it never becomes ready; do not wait for that).
     let nowhere = format!("ws://127.0.0.1:{}/v1/ws", free_port());
     let addr = loopback();
     let mut lonely = spawn_agent(
@@ -709,9 +709,9 @@ fn api_errors_have_the_right_status_and_name_the_field() {
     });
     assert_eq!(http_get(addr, "/readyz").map(|r| r.0), Some(503));
     let (status, _, body) = raw_http(addr, "POST", "/v1/messages", good, &[]);
-    assert_eq!(status, 202, "{body}");
+    assert_eq!(status, 404, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["status"], json!("queued"), "{v}");
+    assert!(error_of(&v).contains("unknown agent"), "{v}");
     let health: Value = serde_json::from_str(&http_get(addr, "/v1/health").unwrap().1).unwrap();
     assert_eq!(health["connected"], json!(false), "{health}");
     assert!(lonely.is_running());
@@ -796,7 +796,11 @@ fn resending_the_same_id_reaches_the_webhook_once() {
     for attempt in 0..3 {
         let body = json!({"id": id, "recipientId": "b", "payload": {"attempt": attempt}});
         let (status, v) = a.post("/v1/messages", &body.to_string(), &[]);
-        assert_eq!(status, if attempt == 0 { 202 } else { 200 }, "attempt {attempt}: {v}");
+        assert_eq!(
+            status,
+            if attempt == 0 { 202 } else { 200 },
+            "attempt {attempt}: {v}"
+        );
         assert_eq!(v["id"], json!(id));
         assert_eq!(v["status"], json!("sent"), "attempt {attempt}: {v}");
     }

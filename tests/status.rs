@@ -18,8 +18,7 @@ use dmr::protocol::{
     AgentEntry, ClientFrame, Envelope, Header, Kind, Limits, MessageId, ServerFrame,
 };
 use support::{
-    agent_args, free_port, http_get, wait_until, AgentProc, Proc, Server, Webhook, World,
-    AGENT_BIN,
+    agent_args, free_port, http_get, wait_until, AgentProc, Proc, Server, Webhook, World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -176,7 +175,13 @@ fn a_permanent_refusal_by_the_recipient_service_is_failed_with_its_reason() {
     let server = Server::start(&world, "server", &[]);
     let statuses = Service::start(200);
     let status_url = statuses.url();
-    let a = AgentProc::start(&world, "a", &[&server], None, &["--status-url", &status_url]);
+    let a = AgentProc::start(
+        &world,
+        "a",
+        &[&server],
+        None,
+        &["--status-url", &status_url],
+    );
     let refusing = Service::start(400);
     let b = AgentProc::start_with(
         &world,
@@ -257,17 +262,30 @@ fn queued_messages_survive_a_restart_and_are_delivered_later() {
     assert_eq!(status_of(addr2, &ids[2]).1["status"], json!("queued"));
 
     let server = Server::start_on(&world, "server-2", server_addr, &[]);
+    for id in &ids {
+        wait_status(addr2, id, "sent", 30 * SECOND);
+    }
+    // Sent in the order they were queued (B's webhook may see them in any order: it
+    // delivers concurrently).
+    let queued: Vec<String> = support::peek_queue(&world.queue("b"), 4, SECOND)
+        .into_iter()
+        .filter_map(|m| m.message_id)
+        .collect();
+    assert_eq!(queued, ids, "in order, once each");
     let hook = Webhook::start();
     let _b = AgentProc::start(&world, "b", &[&server], Some(&hook), &[]);
     for id in &ids {
         wait_status(addr2, id, "delivered", 30 * SECOND);
     }
-    let got: Vec<Value> = hook
+    let mut got: Vec<String> = hook
         .bodies()
         .iter()
-        .map(|b| b["payload"]["n"].clone())
+        .map(|b| b["id"].as_str().unwrap_or("").to_owned())
         .collect();
-    assert_eq!(got, [json!(0), json!(1), json!(2)], "in order, once each");
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want, "each delivered once");
 }
 
 // 5 ---------------------------------------------------------------------------------------
@@ -337,7 +355,10 @@ fn a_receipt_forged_by_the_relay_is_refused() {
     let forged = receipt(&relay_key, &a_pub, id);
     assert!(matches!(relay.deliver(forged), ClientFrame::Nack { .. }));
     std::thread::sleep(SECOND / 2);
-    assert_eq!(status_of(a.addr, &id.to_string()).1["status"], json!("sent"));
+    assert_eq!(
+        status_of(a.addr, &id.to_string()).1["status"],
+        json!("sent")
+    );
 
     // B's own receipt (sealed with B's key) is accepted.
     let genuine = receipt(&world.agent("b").key, &a_pub, id);
@@ -346,7 +367,10 @@ fn a_receipt_forged_by_the_relay_is_refused() {
     // And a failure notice after that changes nothing: delivered is final.
     relay.notice(id, "b", "the relay says so");
     std::thread::sleep(SECOND / 2);
-    assert_eq!(status_of(a.addr, &id.to_string()).1["status"], json!("delivered"));
+    assert_eq!(
+        status_of(a.addr, &id.to_string()).1["status"],
+        json!("delivered")
+    );
 }
 
 /// A receipt from `from`'s key to `to` naming `id`, claiming to come from agent `b`.
@@ -394,13 +418,17 @@ impl FakeRelay {
                 let (stream, _) = listener.accept().await.unwrap();
                 let ws = async_tungstenite::accept_async(stream).await.unwrap();
                 let (mut tx, mut rx) = ws.split();
-                let Some(ClientFrame::Hello { .. }) = next(&mut rx).await else { return };
+                let Some(ClientFrame::Hello { .. }) = next(&mut rx).await else {
+                    return;
+                };
                 let challenge = ServerFrame::Challenge {
                     ephemeral_pk: [9; 32],
                     nonce: [7; 32],
                 };
                 let _ = tx.send(Message::binary(challenge.encode())).await;
-                let Some(ClientFrame::Proof { .. }) = next(&mut rx).await else { return };
+                let Some(ClientFrame::Proof { .. }) = next(&mut rx).await else {
+                    return;
+                };
                 let welcome = ServerFrame::Welcome {
                     directory,
                     limits: Limits {
@@ -413,7 +441,11 @@ impl FakeRelay {
                 let writer = tx.clone();
                 let orders_task = smol::spawn(async move {
                     while let Ok(frame) = orders_rx.recv().await {
-                        let _ = writer.lock().await.send(Message::binary(frame.encode())).await;
+                        let _ = writer
+                            .lock()
+                            .await
+                            .send(Message::binary(frame.encode()))
+                            .await;
                     }
                 });
                 while let Some(frame) = next(&mut rx).await {
@@ -486,8 +518,7 @@ impl FakeRelay {
 /// The next frame the agent sent the fake relay; `None` once it is gone.
 async fn next<S>(rx: &mut S) -> Option<ClientFrame>
 where
-    S: futures_util::Stream<Item = Result<Message, async_tungstenite::tungstenite::Error>>
-        + Unpin,
+    S: futures_util::Stream<Item = Result<Message, async_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
         match rx.next().await {

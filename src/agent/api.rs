@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
-use super::bodies::{check_fresh, now_ms, SendRequest, Sealed};
+use super::bodies::{check_fresh, now_ms, Sealed, SendRequest};
 use super::outbox::{dispatch, Dispatched};
 use super::Agent;
 use crate::crypto;

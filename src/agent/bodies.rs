@@ -402,7 +402,9 @@ pub(super) mod tests {
             (r#""type":"dmr.receipt""#.to_owned(), "type"),
         ] {
             let body = format!(r#"{{"recipientId":"a","payload":1,{extra}}}"#);
-            let e = SendRequest::parse(body.as_bytes(), 0).unwrap_err().to_string();
+            let e = SendRequest::parse(body.as_bytes(), 0)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(field), "{e} should name {field}");
         }
     }

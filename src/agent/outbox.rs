@@ -100,7 +100,9 @@ impl Outbox {
     /// The recipient of `id` if it is waiting for the server's answer.
     pub(super) fn recipient_of(&self, id: MessageId) -> Option<AgentId> {
         let w = lock(&self.waiting);
-        w.by_id.get(&id).map(|p| p.envelope.header().recipient.clone())
+        w.by_id
+            .get(&id)
+            .map(|p| p.envelope.header().recipient.clone())
     }
 
     /// Takes `envelope` in; its outcome arrives on the returned receiver once settled.
@@ -217,7 +219,12 @@ pub(super) async fn dispatch(agent: &Agent, envelope: Envelope) -> Dispatched {
     }
     // If this link has just dropped, the envelope stays in the outbox and the next link
     // sends it.
-    let _ = link.frames.send(ClientFrame::Send { envelope: envelope.clone() }).await;
+    let _ = link
+        .frames
+        .send(ClientFrame::Send {
+            envelope: envelope.clone(),
+        })
+        .await;
     let waited = with_timeout(agent.config.send_timeout, answer.recv()).await;
     let outcome = waited.and_then(Result::ok);
     if outcome.is_none() {
@@ -233,7 +240,10 @@ pub(super) async fn dispatch(agent: &Agent, envelope: Envelope) -> Dispatched {
             Dispatched::Sent
         }
         Some(Outcome::Rejected(RejectCode::Unavailable, reason)) => {
-            log::info!("message {}: the relay cannot take it now ({reason}); storing it", h.id);
+            log::info!(
+                "message {}: the relay cannot take it now ({reason}); storing it",
+                h.id
+            );
             store(agent, &envelope).await
         }
         Some(Outcome::Rejected(code, reason)) => {
@@ -255,9 +265,17 @@ async fn store(agent: &Agent, envelope: &Envelope) -> Dispatched {
         return Dispatched::Full(stored);
     }
     let h = envelope.header();
-    let record = (!h.kind.is_receipt())
-        .then(|| agent.statuses.record(&h.recipient, h.created_at_ms, Status::Queued, None));
-    let (state, bytes, id, r) = (agent.state.clone(), envelope.to_bytes(), h.id, record.clone());
+    let record = (!h.kind.is_receipt()).then(|| {
+        agent
+            .statuses
+            .record(&h.recipient, h.created_at_ms, Status::Queued, None)
+    });
+    let (state, bytes, id, r) = (
+        agent.state.clone(),
+        envelope.to_bytes(),
+        h.id,
+        record.clone(),
+    );
     match smol::unblock(move || state.outbox_push(id, &bytes, r.as_ref())).await {
         Ok(_) => {
             agent.outbox.stored.fetch_add(1, Ordering::SeqCst);
@@ -347,7 +365,13 @@ async fn send_stored(
     let fail = |reason: String| {
         if track {
             let s = &agent.statuses;
-            s.set(h.id, &h.recipient, h.created_at_ms, Status::Failed, Some(reason));
+            s.set(
+                h.id,
+                &h.recipient,
+                h.created_at_ms,
+                Status::Failed,
+                Some(reason),
+            );
         }
     };
     if let Err(e) = check_fresh(h.created_at_ms, agent.config.message_ttl_ms, now_ms()) {

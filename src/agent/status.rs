@@ -116,7 +116,7 @@ impl Statuses {
         let fresh = self.record(recipient, created_at_ms, status, reason);
         self.change(id, |old| match old {
             None => Some(fresh),
-            Some(old) => old.status.may_become(status).then(|| StatusRecord {
+            Some(old) => old.status.may_become(status).then_some(StatusRecord {
                 expires_at_ms: old.expires_at_ms,
                 ..fresh
             }),
@@ -162,11 +162,7 @@ impl Statuses {
     }
 
     /// Applies `f` to the current record; a `Some` result is the new record.
-    fn change(
-        &self,
-        id: MessageId,
-        f: impl FnOnce(Option<StatusRecord>) -> Option<StatusRecord>,
-    ) {
+    fn change(&self, id: MessageId, f: impl FnOnce(Option<StatusRecord>) -> Option<StatusRecord>) {
         let mut cache = lock(&self.cache);
         let current = match cache.dirty.get(&id).or_else(|| cache.writing.get(&id)) {
             Some(r) => Some(r.clone()),
@@ -273,11 +269,11 @@ pub(super) fn get(agent: &super::Agent, id: &str) -> hyper::Response<crate::http
 pub(super) async fn run_writer(statuses: Arc<Statuses>, stop: async_channel::Receiver<()>) {
     let mut last_expiry = std::time::Instant::now();
     loop {
-        let woken = futures_lite::future::or(
-            async { statuses.wake.1.recv().await.is_ok() },
-            async { stop.recv().await.is_ok() },
-        )
-        .await;
+        let woken =
+            futures_lite::future::or(async { statuses.wake.1.recv().await.is_ok() }, async {
+                stop.recv().await.is_ok()
+            })
+            .await;
         async_io::Timer::after(FLUSH_EVERY).await;
         statuses.flush().await;
         if last_expiry.elapsed() >= EXPIRE_EVERY {
@@ -379,7 +375,10 @@ mod tests {
             AgentId::new("other").unwrap(),
         );
         s.set(id, &tax, now_ms(), Status::Sent, None);
-        assert!(!s.delivered(id, &other), "only the recipient's receipt counts");
+        assert!(
+            !s.delivered(id, &other),
+            "only the recipient's receipt counts"
+        );
         assert!(s.failed_notice(id, &tax, "expired".into()));
         assert_eq!(s.get(id).unwrap().status, Status::Failed);
         assert!(s.delivered(id, &tax));

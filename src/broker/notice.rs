@@ -19,7 +19,7 @@ use amqprs::{BasicProperties, FieldTable, FieldValue};
 use async_compat::Compat;
 
 use super::consumer::Delivery;
-use super::{Broker, BrokerError, CONFIRM_TIMEOUT, HEADER_RECIPIENT, HEADER_REASON};
+use super::{Broker, BrokerError, CONFIRM_TIMEOUT, HEADER_REASON, HEADER_RECIPIENT};
 use crate::protocol::{AgentId, Envelope, MessageId, Notice, ProtocolError};
 use crate::wait::Backoff;
 
@@ -92,7 +92,10 @@ impl Broker {
         };
         let live = self.shared.live().ok_or(BrokerError::NotConnected)?;
         let mut headers = FieldTable::new();
-        for (key, value) in [(HEADER_NOTICE, "failed"), (HEADER_RECIPIENT, sender.as_str())] {
+        for (key, value) in [
+            (HEADER_NOTICE, "failed"),
+            (HEADER_RECIPIENT, sender.as_str()),
+        ] {
             if let Ok(key) = key.try_into() {
                 headers.insert(key, FieldValue::from(value));
             }
@@ -144,7 +147,10 @@ fn verdict(d: &Delivery) -> Verdict {
     let Some(sender) = d.sender.as_deref().and_then(|s| AgentId::new(s).ok()) else {
         return Verdict::Skip("no valid dmr-sender header");
     };
-    let id = d.message_id.as_deref().and_then(|i| uuid::Uuid::parse_str(i).ok());
+    let id = d
+        .message_id
+        .as_deref()
+        .and_then(|i| uuid::Uuid::parse_str(i).ok());
     let Some(id) = id.map(MessageId) else {
         return Verdict::Skip("no message id");
     };
@@ -242,7 +248,10 @@ mod tests {
     #[test]
     fn copies_become_notices_with_a_reason_and_notices_never_do() {
         let d = delivery(
-            &[(HEADER_SENDER, "police"), (HEADER_REASON, "refused by the local service: 400")],
+            &[
+                (HEADER_SENDER, "police"),
+                (HEADER_REASON, "refused by the local service: 400"),
+            ],
             vec![],
         );
         let Verdict::Notify { sender, notice } = verdict(&d) else {
@@ -251,14 +260,20 @@ mod tests {
         assert_eq!(sender.as_str(), "police");
         assert!(notice.reason.contains("400"), "{}", notice.reason);
         let d = delivery(
-            &[(HEADER_SENDER, "police"), ("x-first-death-reason", "expired")],
+            &[
+                (HEADER_SENDER, "police"),
+                ("x-first-death-reason", "expired"),
+            ],
             vec![],
         );
         let Verdict::Notify { notice, .. } = verdict(&d) else {
             panic!("an expired message is notified")
         };
         assert!(notice.reason.starts_with("expired"), "{}", notice.reason);
-        let n = delivery(&[(HEADER_SENDER, "police"), (HEADER_NOTICE, "failed")], vec![]);
+        let n = delivery(
+            &[(HEADER_SENDER, "police"), (HEADER_NOTICE, "failed")],
+            vec![],
+        );
         assert!(matches!(verdict(&n), Verdict::Skip(_)));
         assert!(matches!(verdict(&delivery(&[], vec![])), Verdict::Skip(_)));
     }

@@ -189,7 +189,11 @@ impl State {
             let outbox = txn.open_table(OUTBOX)?;
             let first = outbox.first()?.map(|(k, v)| {
                 let (id, bytes) = v.value();
-                (k.value(), MessageId(uuid::Uuid::from_u128(id)), bytes.to_vec())
+                (
+                    k.value(),
+                    MessageId(uuid::Uuid::from_u128(id)),
+                    bytes.to_vec(),
+                )
             });
             Ok(first)
         })
@@ -252,7 +256,10 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let (a, b) = (MessageId::random(), MessageId::random());
         state
-            .write_statuses(&[(a, record(Status::Sent, 100)), (b, record(Status::Failed, 300))])
+            .write_statuses(&[
+                (a, record(Status::Sent, 100)),
+                (b, record(Status::Failed, 300)),
+            ])
             .unwrap();
         assert_eq!(state.status(a).unwrap(), Some(record(Status::Sent, 100)));
         state
@@ -285,7 +292,10 @@ mod tests {
         assert_eq!(state.outbox_len().unwrap(), 2);
         let (_, id, bytes) = state.outbox_first().unwrap().unwrap();
         assert_eq!((id, bytes), (ids[1], vec![1]));
-        assert_eq!(state.status(ids[0]).unwrap().unwrap().status, Status::Queued);
+        assert_eq!(
+            state.status(ids[0]).unwrap().unwrap().status,
+            Status::Queued
+        );
     }
 
     #[test]
