@@ -212,6 +212,46 @@ pub fn peek_queue(queue: &str, max: usize, wait: Duration) -> Vec<RawMessage> {
     }))
 }
 
+/// Reads (without removing) the dead-letter queue of `world` through the relay's own
+/// [`dmr::broker::Broker::consume_dlq`], so each copy's `x-dmr-reason` comes back as
+/// [`dmr::broker::Delivery::reason`]. Waits until `want` copies are there or `wait` passes
+/// (an empty DLQ answers nothing, so `want` = 0 just waits `wait`). The copies return to the
+/// queue when the consumer's channel closes.
+pub fn dead_letters(world: &World, want: usize, wait: Duration) -> Vec<dmr::broker::Delivery> {
+    use dmr::broker::{Broker, Topology};
+    let topology = Topology {
+        prefix: world.prefix.clone(),
+        ..Topology::default()
+    };
+    let name = format!("{}dlq-reader", world.prefix);
+    let broker = Broker::start_named(vec![AMQP_URL.into()], topology, &name).unwrap();
+    smol::block_on(async {
+        dmr::wait::with_timeout(Duration::from_secs(10), broker.connected())
+            .await
+            .expect("RabbitMQ not connected within 10 s for reading the DLQ");
+        let prefetch = u16::try_from(want + 10).unwrap_or(u16::MAX);
+        let consumer = broker.consume_dlq(prefetch).await.unwrap();
+        let mut out = Vec::new();
+        let end = Instant::now() + wait;
+        while out.len() < want {
+            let left = end.saturating_duration_since(Instant::now());
+            match dmr::wait::with_timeout(left, consumer.next()).await {
+                Some(Some(d)) => out.push(d),
+                _ => break,
+            }
+        }
+        // Take what else is already there, so a surplus shows.
+        while let Some(Some(d)) =
+            dmr::wait::with_timeout(Duration::from_millis(300), consumer.next()).await
+        {
+            out.push(d);
+        }
+        consumer.close().await;
+        broker.close().await;
+        out
+    })
+}
+
 fn tokio_sleep_until(wait: Duration) -> Instant {
     Instant::now() + wait
 }
@@ -607,6 +647,8 @@ pub struct Webhook {
     pub received: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Answer 500 while true.
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// While non-zero, the status every request is answered with (nothing recorded).
+    pub answer: Arc<std::sync::atomic::AtomicU16>,
     pub attempts: Arc<std::sync::atomic::AtomicUsize>,
     _stop: Arc<async_channel::Sender<()>>,
 }
@@ -617,16 +659,22 @@ impl Webhook {
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
-        let (r, f, a) = (received.clone(), failing.clone(), attempts.clone());
+        let (r, f, a, s) = (
+            received.clone(),
+            failing.clone(),
+            attempts.clone(),
+            answer.clone(),
+        );
         std::thread::spawn(move || {
             let listener = smol::net::TcpListener::try_from(listener).unwrap();
             smol::block_on(dmr::http::serve(
                 listener,
                 None,
                 move |req: hyper::Request<hyper::body::Incoming>, _| {
-                    let (r, f, a) = (r.clone(), f.clone(), a.clone());
+                    let (r, f, a, s) = (r.clone(), f.clone(), a.clone(), s.clone());
                     async move {
                         a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let body = dmr::http::read_body(req.into_body(), 8 << 20)
@@ -637,6 +685,10 @@ impl Webhook {
                                 hyper::StatusCode::INTERNAL_SERVER_ERROR,
                                 "failing on purpose",
                             );
+                        }
+                        let status = s.load(std::sync::atomic::Ordering::SeqCst);
+                        if let Ok(status) = hyper::StatusCode::from_u16(status) {
+                            return dmr::http::error(status, "answering so on purpose");
                         }
                         r.lock()
                             .unwrap()
@@ -653,6 +705,7 @@ impl Webhook {
             addr,
             received,
             failing,
+            answer,
             attempts,
             _stop: Arc::new(stop_tx),
         }
