@@ -212,7 +212,7 @@ impl Default for AgentMetrics {
         );
         r.register(
             "stale",
-            "Messages dropped as too old or from the future",
+            "Messages dead-lettered as too old or from the future",
             m.stale.clone(),
         );
         r.register(
