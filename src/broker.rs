@@ -12,10 +12,14 @@
 //! `Compat`, so that dropping it (amqprs spawns a tokio task to close it) works anywhere.
 //! Nothing amqprs-typed leaves this module.
 //!
+//! `amqps://` nodes are reached over TLS (rustls with ring), trusting the CA file of
+//! [`BrokerOptions::ca_file`] (`--amqp-ca-file`) or else the web PKI roots; the certificate
+//! must name the URL's host.
+//!
 //! The parts: [`Topology`] (names and arguments), [`BrokerError`], `compat` (amqprs on smol),
-//! `supervisor` (the reconnect loop), `connect` (setting up one connection), `declare`
-//! (topology operations), `channel` (why RabbitMQ closed a channel), `publisher` (confirms)
-//! and [`Consumer`].
+//! `supervisor` (the reconnect loop), `connect` (setting up one connection), `url` (node
+//! URLs), `tls` (amqps), `declare` (topology operations), `channel` (why RabbitMQ closed a
+//! channel), `publisher` (confirms) and [`Consumer`].
 
 mod channel;
 mod compat;
@@ -25,10 +29,12 @@ mod declare;
 mod error;
 mod publisher;
 mod supervisor;
+mod tls;
 mod topology;
 mod url;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -48,6 +54,7 @@ use connect::Live;
 use declare::Declarer;
 #[cfg(feature = "test-support")]
 use declare::Op;
+use tls::Tls;
 use url::NodeUrl;
 
 /// AMQP header naming the sending agent of a published envelope.
@@ -75,6 +82,8 @@ pub struct Broker {
 /// What the [`Broker`] handles and its supervisor task share.
 struct Shared {
     nodes: Vec<NodeUrl>,
+    /// How `amqps://` nodes are reached; `None` when every node is `amqp://`.
+    tls: Option<Tls>,
     topology: Topology,
     exchange: String,
     dlx: String,
@@ -114,6 +123,43 @@ fn default_connection_name() -> String {
     format!("dmr-server@{host} pid {}", std::process::id())
 }
 
+/// Settings of a [`Broker`] beyond its URLs and topology.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerOptions {
+    /// The connection name RabbitMQ shows (management UI, `rabbitmqctl list_connections
+    /// user_provided_name`); default `dmr-server@HOST pid N`.
+    pub connection_name: Option<String>,
+    /// PEM file of the CA certificates (one or more) trusted for `amqps://` nodes instead of
+    /// the web PKI roots (`--amqp-ca-file`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The TLS settings the nodes need: loaded (and checked) whenever a CA file is given.
+fn tls_for(
+    nodes: &[NodeUrl],
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<Tls>, BrokerError> {
+    let plain: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.tls)
+        .map(|n| n.display.as_str())
+        .collect();
+    if plain.len() == nodes.len() {
+        if ca_file.is_some() {
+            log::warn!("{} is ignored: no --amqp-url is amqps://", tls::CA_FLAG);
+        }
+        return ca_file.map(|f| Tls::new(Some(f))).transpose();
+    }
+    if !plain.is_empty() {
+        log::warn!(
+            "--amqp-url mixes amqps:// and amqp:// nodes: messages and the RabbitMQ password \
+             cross the network unencrypted to {}",
+            plain.join(", ")
+        );
+    }
+    Tls::new(ca_file).map(Some)
+}
+
 /// Parses the comma-separated node URLs of every `--amqp-url`.
 fn parse_nodes(urls: &[String]) -> Result<Vec<NodeUrl>, BrokerError> {
     let nodes = urls
@@ -138,11 +184,12 @@ impl Broker {
     /// Starts the background task that connects, declares the topology and keeps the
     /// connection alive; returns at once (see [`Broker::connected`]).
     ///
-    /// Each entry of `urls` is an `amqp://user:password@host:port/vhost` URL or several of
-    /// them separated by commas (the nodes of a cluster, tried in turn). Fails only on a URL
-    /// or topology setting that can never work.
+    /// Each entry of `urls` is an `amqp://user:password@host:port/vhost` URL (`amqps://`
+    /// for TLS, port 5671 by default) or several of them separated by commas (the nodes of
+    /// a cluster, tried in turn). Fails only on a URL or topology setting that can never
+    /// work.
     pub fn start(urls: Vec<String>, topology: Topology) -> Result<Broker, BrokerError> {
-        Self::start_named(urls, topology, &default_connection_name())
+        Self::start_with(urls, topology, BrokerOptions::default())
     }
 
     /// [`Broker::start`] with the connection name RabbitMQ shows (management UI,
@@ -152,16 +199,35 @@ impl Broker {
         topology: Topology,
         connection_name: &str,
     ) -> Result<Broker, BrokerError> {
+        let options = BrokerOptions {
+            connection_name: Some(connection_name.to_owned()),
+            ..BrokerOptions::default()
+        };
+        Self::start_with(urls, topology, options)
+    }
+
+    /// [`Broker::start`] with [`BrokerOptions`]; a CA file that cannot be read or holds no
+    /// usable certificate is refused here.
+    pub fn start_with(
+        urls: Vec<String>,
+        topology: Topology,
+        options: BrokerOptions,
+    ) -> Result<Broker, BrokerError> {
         topology.validate()?;
         let nodes = parse_nodes(&urls)?;
+        let tls = tls_for(&nodes, options.ca_file.as_deref())?;
+        let connection_name = options
+            .connection_name
+            .unwrap_or_else(default_connection_name);
         let (stop, stopped) = async_channel::bounded(1);
         let (done_tx, done) = async_channel::bounded(1);
         let shared = Arc::new(Shared {
             nodes,
+            tls,
             exchange: topology.exchange(),
             dlx: topology.dlx(),
             topology,
-            connection_name: connection_name.to_owned(),
+            connection_name,
             state: Mutex::new(State {
                 live: None,
                 gate: Some(async_channel::bounded(1)),
@@ -429,5 +495,23 @@ mod tests {
         assert!(matches!(e, BrokerError::Config(_)));
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(Broker::start(vec![" , ".into()], Topology::default()).is_err());
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let options = BrokerOptions {
+            ca_file: Some(not_pem),
+            ..BrokerOptions::default()
+        };
+        let urls = vec!["amqps://u:hunter2@h".into()];
+        let e = Broker::start_with(urls, Topology::default(), options)
+            .err()
+            .unwrap();
+        assert!(matches!(e, BrokerError::Config(_)), "{e:?}");
+        assert!(e.to_string().contains("--amqp-ca-file"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }

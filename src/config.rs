@@ -44,6 +44,11 @@ pub struct ServerArgs {
     #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
     pub amqp_url: String,
 
+    /// PEM CA certificates to trust for amqps:// RabbitMQ nodes instead of the built-in web
+    /// roots [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
+
     /// agent directory file (CentOps JSON), re-read when it changes and on SIGHUP
     /// [env DMR_AGENTS_FILE]
     #[argh(option)]
@@ -297,6 +302,7 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
         &[
             ("listen", false),
             ("amqp-url", false),
+            ("amqp-ca-file", false),
             ("agents-file", false),
             ("centops-url", false),
             ("centops-interval", false),

@@ -20,7 +20,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::broker::{Broker, Topology};
+use crate::broker::{Broker, BrokerOptions, Topology};
 use crate::config::{split_list, ConfigError, ServerArgs};
 use crate::directory::Directory;
 use crate::http::{self, Body};
@@ -38,6 +38,8 @@ use sessions::Sessions;
 pub(crate) struct ServerConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) amqp_urls: Vec<String>,
+    /// `--amqp-ca-file`: the CA trusted for `amqps://` nodes instead of the web PKI roots.
+    pub(crate) amqp_ca_file: Option<PathBuf>,
     pub(crate) agents_file: Option<PathBuf>,
     pub(crate) centops_url: Option<String>,
     pub(crate) centops_interval: Duration,
@@ -111,6 +113,7 @@ impl ServerConfig {
             instance,
             listen: a.listen,
             amqp_urls,
+            amqp_ca_file: a.amqp_ca_file,
             agents_file: a.agents_file,
             centops_url: a.centops_url,
             centops_interval: Duration::from_secs(a.centops_interval),
@@ -175,7 +178,11 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.audit_log.as_deref(),
         &config.instance,
     )?;
-    let broker = Broker::start(config.amqp_urls.clone(), config.topology.clone())?;
+    let options = BrokerOptions {
+        ca_file: config.amqp_ca_file.clone(),
+        ..BrokerOptions::default()
+    };
+    let broker = Broker::start_with(config.amqp_urls.clone(), config.topology.clone(), options)?;
     let signals = signals::listen()?;
     smol::block_on(async move {
         let listener = smol::net::TcpListener::bind(config.listen)

@@ -104,8 +104,9 @@ pub enum TlsError {
     NoCertificate { flag: &'static str, path: PathBuf },
     /// The `--tls-key` file holds no private key section.
     NoPrivateKey { path: PathBuf },
-    /// A `--ca-file` certificate cannot serve as a trust anchor.
+    /// A CA file's certificate cannot serve as a trust anchor.
     BadCaCertificate {
+        flag: &'static str,
         path: PathBuf,
         source: rustls::Error,
     },
@@ -134,8 +135,8 @@ impl std::fmt::Display for TlsError {
                     path.display()
                 )
             }
-            Self::BadCaCertificate { path, source } => {
-                write!(f, "--ca-file {}: {source}", path.display())
+            Self::BadCaCertificate { flag, path, source } => {
+                write!(f, "{flag} {}: {source}", path.display())
             }
             Self::KeyMismatch(e) => {
                 write!(f, "TLS certificate and key do not work together: {e}")
@@ -231,13 +232,23 @@ pub(crate) fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsErro
 
 /// A TLS connector trusting `ca_file` if given, else the built-in web PKI roots.
 pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
+    client_config("--ca-file", ca_file).map(TlsConnector::from)
+}
+
+/// The client configuration behind [`client_tls`] (ring, safe defaults), trusting the CA
+/// file `flag` names if given, else the built-in web PKI roots. The broker uses it too.
+pub(crate) fn client_config(
+    flag: &'static str,
+    ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            for cert in read_certs("--ca-file", path)? {
+            for cert in read_certs(flag, path)? {
                 roots
                     .add(cert)
                     .map_err(|source| TlsError::BadCaCertificate {
+                        flag,
                         path: path.to_owned(),
                         source,
                     })?;
@@ -250,7 +261,7 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
         .map_err(TlsError::Provider)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Opens TCP (and TLS when `tls` is given) to `host:port`.
