@@ -9,6 +9,7 @@
 
 mod api;
 mod bodies;
+mod hosts;
 mod inbox;
 mod link;
 mod outbox;
@@ -17,6 +18,8 @@ mod webhook;
 
 /// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
 pub use bodies::{SendRequest, SendRequestError};
+/// `--api-host` values and the `Host` check they feed.
+pub use hosts::{AllowedHosts, ApiHost};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use async_lock::Semaphore;
 
-use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, KeygenArgs};
+use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, KeygenArgs, Secret};
 use crate::crypto::SecretKey;
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
@@ -36,7 +39,7 @@ use crate::sync::{lock, read};
 /// The largest message assumed until the server's `Welcome` tells its real limit.
 const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
 
-/// Everything `run` needs, validated.
+/// Everything `run` needs, validated. `Debug` never shows the API token.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub id: AgentId,
@@ -44,7 +47,11 @@ pub struct AgentConfig {
     pub servers: Vec<link::ServerUrl>,
     pub listen: SocketAddr,
     pub deliver_url: Option<hyper::Uri>,
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
+    /// `--api-host`: names accepted in `Host` besides the listen address and loopback.
+    pub api_hosts: Vec<ApiHost>,
+    /// `--allow-no-token`: listening off loopback without a token was asked for.
+    pub allow_no_token: bool,
     pub ca_file: Option<PathBuf>,
     pub max_concurrent_deliveries: usize,
     /// The freshness window (`--message-ttl`), in milliseconds.
@@ -88,6 +95,12 @@ impl AgentConfig {
                     })?,
             ),
         };
+        let api_token = a.api_token.filter(|t| !t.expose().is_empty());
+        check_exposure(a.listen, api_token.is_some(), a.allow_no_token)?;
+        let api_hosts = split_list(&a.api_host)
+            .iter()
+            .map(|h| ApiHost::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
         if a.max_concurrent_deliveries == 0 {
             return Err(ConfigError::TooSmall {
                 flag: "--max-concurrent-deliveries",
@@ -100,7 +113,9 @@ impl AgentConfig {
             servers,
             listen: a.listen,
             deliver_url,
-            api_token: a.api_token.filter(|t| !t.is_empty()),
+            api_token,
+            api_hosts,
+            allow_no_token: a.allow_no_token,
             ca_file: a.ca_file,
             max_concurrent_deliveries: a.max_concurrent_deliveries,
             message_ttl_ms: a.message_ttl.saturating_mul(1000),
@@ -108,6 +123,22 @@ impl AgentConfig {
             send_timeout: Duration::from_secs(30),
         })
     }
+}
+
+/// Off loopback, anyone who reaches the API could send as this agent: a token is needed
+/// unless the operator says a firewall does the job (`--allow-no-token`).
+fn check_exposure(listen: SocketAddr, token: bool, allowed: bool) -> Result<(), ConfigError> {
+    if listen.ip().is_loopback() || token || allowed {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        flag: "--listen",
+        value: listen.to_string(),
+        why: "off loopback, anyone who can reach the API could send as this agent: set \
+              --api-token (DMR_API_TOKEN), or pass --allow-no-token (DMR_ALLOW_NO_TOKEN=1) if \
+              a firewall lets only the local service in"
+            .into(),
+    })
 }
 
 /// The current server connection: its number and its outgoing frame queue.
@@ -153,12 +184,16 @@ impl Agent {
     }
 }
 
-/// `dmr-agent keygen`: writes PREFIX.key (0600) and PREFIX.pub.
+/// `dmr-agent keygen`: writes PREFIX.key (0600) and PREFIX.pub; with `--force` the
+/// previous private key stays as PREFIX.key.old (0600).
 pub fn keygen(args: &KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
     let out = args.out.as_ref().ok_or(ConfigError::Missing {
         flag: "--out",
         example: Some("--out /etc/dmr/police (writes police.key and police.pub)"),
     })?;
+    let key_path = crate::crypto::with_suffix(out, "key");
+    // A regular file there is what --force keeps (a link is only removed).
+    let replacing = std::fs::symlink_metadata(&key_path).is_ok_and(|m| m.is_file());
     let (key, public) = crate::crypto::write_key_pair(out, args.force)
         .map_err(|e| format!("cannot write the key pair: {e}"))?;
     println!(
@@ -166,16 +201,18 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), Box<dyn std::error::Error>> {
         key.display(),
         public.display()
     );
+    if args.force && replacing {
+        let old = crate::crypto::old_key_path(&key_path);
+        println!("kept the previous private key as {}", old.display());
+    }
     Ok(())
 }
 
 impl Agent {
     /// Reads the key and prepares TLS; fails with a message naming the flag at fault.
     fn new(config: AgentConfig) -> Result<Arc<Self>, Box<dyn std::error::Error>> {
-        let path = config.key_path.display();
-        let pem = std::fs::read_to_string(&config.key_path)
-            .map_err(|e| format!("cannot read --key {path}: {e}"))?;
-        let key = SecretKey::from_pem(&pem).map_err(|e| format!("--key {path}: {e}"))?;
+        let key =
+            crate::crypto::read_key_file(&config.key_path).map_err(|e| format!("--key: {e}"))?;
         let https_webhook = config
             .deliver_url
             .as_ref()
@@ -211,6 +248,24 @@ pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
     smol::block_on(serve(agent, signals))
 }
 
+/// Off loopback the API is reachable by others: say what protects it, and what does not.
+fn warn_if_exposed(config: &AgentConfig) {
+    let listen = config.listen;
+    if listen.ip().is_loopback() {
+        return;
+    }
+    match config.api_token {
+        None => log::warn!(
+            "the API on {listen} is off loopback and has no --api-token (--allow-no-token): \
+             whoever reaches it can send as this agent"
+        ),
+        Some(_) => log::warn!(
+            "the API on {listen} is off loopback over plain HTTP: the bearer token and \
+             messages cross the network in clear unless a TLS proxy fronts it"
+        ),
+    }
+}
+
 async fn serve(
     agent: Arc<Agent>,
     signals: async_channel::Receiver<Signal>,
@@ -219,8 +274,11 @@ async fn serve(
     let listener = smol::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let bound = listener.local_addr().unwrap_or(listen);
+    let hosts = Arc::new(AllowedHosts::new(bound, &agent.config.api_hosts));
     let (id, public) = (&agent.config.id, agent.key.public_key());
-    log::info!("agent {id} API on http://{listen}/v1/messages; public key {public:?}");
+    log::info!("agent {id} API on http://{bound}/v1/messages; public key {public:?}");
+    warn_if_exposed(&agent.config);
     if agent.config.deliver_url.is_none() {
         log::warn!("no --deliver-url: incoming messages stay in the queue until one is configured");
     }
@@ -234,7 +292,7 @@ async fn serve(
     };
     let handler = {
         let agent = agent.clone();
-        move |req, _peer| api::route(agent.clone(), req)
+        move |req, _peer| api::route(agent.clone(), hosts.clone(), req)
     };
     crate::http::serve(listener, None, handler, stop).await;
     log::info!("stopping: finishing deliveries in progress");

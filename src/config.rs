@@ -5,8 +5,10 @@
 //! environment. Values are checked here, at the edge, so the rest of the code gets types
 //! that are already valid.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use argh::FromArgs;
 
@@ -42,7 +44,7 @@ pub struct ServerArgs {
     /// the RabbitMQ URL; several comma-separated URLs (cluster nodes) are tried in turn
     /// [env DMR_AMQP_URL] [default amqp://guest:guest@127.0.0.1:5672/%2f]
     #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
-    pub amqp_url: String,
+    pub amqp_url: UrlWithPassword,
 
     /// PEM CA certificates to trust for amqps:// RabbitMQ nodes instead of the built-in web
     /// roots [env DMR_AMQP_CA_FILE]
@@ -161,9 +163,20 @@ pub struct AgentArgs {
     pub deliver_url: Option<String>,
 
     /// bearer token the local HTTP API requires (prefer the env var) [env DMR_API_TOKEN]
-    /// [default none: no token required]
+    /// [default none: no token required; needed when --listen is off loopback]
     #[argh(option)]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
+
+    /// a host name the API also answers to in the Host header, besides the --listen
+    /// address and localhost/127.0.0.1/[::1] on its port: NAME (any port) or NAME:PORT;
+    /// repeat or comma-separate [env DMR_API_HOST]
+    #[argh(option)]
+    pub api_host: Vec<String>,
+
+    /// listen off loopback without --api-token (only behind a firewall that lets just the
+    /// local service in) [env DMR_ALLOW_NO_TOKEN]
+    #[argh(switch)]
+    pub allow_no_token: bool,
 
     /// PEM CA certificates to trust for wss:// instead of the built-in web roots
     /// [env DMR_CA_FILE]
@@ -335,6 +348,10 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
             ("log-format", false),
+            ("message-ttl", false),
+            ("webhook-retry-max", false),
+            ("api-host", false),
+            ("allow-no-token", true),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),
@@ -407,6 +424,102 @@ pub(crate) fn with_env(
         }
     }
     args
+}
+
+/// A flag value that must never be printed (the API token): `Debug` shows `***`, so a
+/// config struct can derive `Debug` and still be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call it only where the value is used, never to print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A flag holding URLs that may carry a password (`--amqp-url`, several comma-separated):
+/// `Debug` masks every password (`amqp://user:***@host`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UrlWithPassword(String);
+
+impl UrlWithPassword {
+    /// The URLs as given, password included; never print this.
+    pub fn expose(&self) -> &String {
+        &self.0
+    }
+
+    /// The URLs with each password replaced by `***`: safe for logs.
+    pub fn masked(&self) -> String {
+        self.0
+            .split(',')
+            .map(mask_password)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl From<&str> for UrlWithPassword {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl FromStr for UrlWithPassword {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for UrlWithPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+/// `scheme://user:password@rest` → `scheme://user:***@rest`; anything without a password
+/// in its authority is returned as is.
+fn mask_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    // The authority ends at the first '/', '?' or '#'; a password is before its last '@'.
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..start],
+        &authority[..colon],
+        &url[start + at..]
+    )
 }
 
 /// What a flag combination lacks or gets wrong, in words an operator can act on. Flags
@@ -531,7 +644,7 @@ mod tests {
             panic!("expected run");
         };
         assert_eq!(a.listen.to_string(), "1.2.3.4:5");
-        assert_eq!(a.amqp_url, "amqp://x");
+        assert_eq!(a.amqp_url.expose(), "amqp://x");
         assert_eq!(a.delivery_limit, 10);
     }
 

@@ -62,7 +62,7 @@ pub(crate) struct ServerConfig {
 impl ServerConfig {
     /// Checks a flag combination and turns it into a configuration.
     pub(crate) fn from_args(a: ServerArgs) -> Result<Self, ConfigError> {
-        let amqp_urls = split_list(std::slice::from_ref(&a.amqp_url));
+        let amqp_urls = split_list(std::slice::from_ref(a.amqp_url.expose()));
         if amqp_urls.is_empty() {
             return Err(ConfigError::Empty { flag: "--amqp-url" });
         }

@@ -31,7 +31,8 @@ use dmr::protocol::{
 };
 use support::{
     agent_args, dead_letters, expect_accepted, expect_rejected, free_port, http_get, wait_until,
-    AgentProc, Identity, Proc, Refused, Server, TestClient, Webhook, World, AGENT_BIN,
+    write_private_key, AgentProc, Identity, Proc, Refused, Server, TestClient, Webhook, World,
+    AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -81,6 +82,12 @@ impl Secrets {
 /// Returns the status and the body parsed as JSON (a string when it is not JSON).
 fn raw_post(addr: SocketAddr, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
     let mut head = format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        head.push_str("content-type: application/json\r\n");
+    }
     if !headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -318,7 +325,7 @@ fn slow_upload(addr: SocketAddr, bearer: &str, every_ms: u64) -> (u16, Value, Du
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(20 * SECOND)).unwrap();
     let head = format!(
-        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nauthorization: {bearer}\r\ncontent-length: 100\r\n\r\n{{\"recipie"
+        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\nauthorization: {bearer}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"recipie"
     );
     s.write_all(head.as_bytes()).unwrap();
     if every_ms > 0 {
@@ -1603,7 +1610,7 @@ fn a_damaged_key_file_is_refused_without_quoting_it() {
     let body = pem.lines().nth(1).unwrap().to_owned();
     let path = dir.path().join("damaged.key");
     let damaged = pem.replacen(&format!("{body}\n"), &format!("{body}\n\n"), 1);
-    std::fs::write(&path, damaged).unwrap();
+    write_private_key(&path, &damaged);
     let out = Command::new(AGENT_BIN)
         .args(["run", "--id", "alice", "--key"])
         .arg(&path)

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{
-    agent_args, free_port, http_call, http_get, peek_queue, wait_until, AgentProc, Proc, Server,
-    Webhook, World, AGENT_BIN,
+    agent_args, free_port, http_call, http_get, peek_queue, wait_until, write_private_key,
+    AgentProc, Proc, Server, Webhook, World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -552,11 +552,10 @@ fn impostor_agent_never_receives_anything() {
 
     // Right id, wrong key: its own key pair, its own webhook.
     let impostor_key = world.dir.path().join("impostor.key");
-    std::fs::write(
+    write_private_key(
         &impostor_key,
-        dmr::crypto::SecretKey::generate().unwrap().to_pem(),
-    )
-    .unwrap();
+        &dmr::crypto::SecretKey::generate().unwrap().to_pem(),
+    );
     let impostor_hook = Webhook::start();
     let impostor_addr = loopback();
     let mut impostor = spawn_agent(

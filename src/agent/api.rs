@@ -2,6 +2,14 @@
 //!
 //! Bodies are shaped like the existing Bürokratt DMR agent's. Every refusal is a JSON
 //! `{"error": …}` that names the field or condition at fault.
+//!
+//! A web page open on the agent's machine must not be able to drive the API, so before
+//! anything else: a `Host` the API does not answer to gets `421` (DNS rebinding; see
+//! [`super::hosts`]), then a missing or wrong token `401`, then a `POST` whose body is not
+//! declared `application/json` `415` — a page can send `text/plain` without asking, but
+//! `application/json` across origins needs a CORS preflight, which this API never grants.
+//! `/healthz`, `/readyz` and `/metrics` skip the `Host` check: probes and scrapers use
+//! whatever name reaches them, and these paths change nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::bodies::{check_fresh, now_ms, SendRequest};
+use super::hosts::AllowedHosts;
 use super::outbox::Outcome;
 use super::{Agent, Link};
 use crate::crypto;
@@ -20,12 +29,28 @@ use crate::protocol::{ClientFrame, Envelope, Header, MessageId, RejectCode};
 /// the headers the same 10 s), so a stalled upload cannot hold a connection forever.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn route(
+    agent: Arc<Agent>,
+    hosts: Arc<AllowedHosts>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    if !probe {
+        if let Err(why) = check_host(&hosts, &req) {
+            return http::error(StatusCode::MISDIRECTED_REQUEST, why);
+        }
+    }
     if path.starts_with("/v1/") && !authorized(&agent, &req) {
         return http::error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (Authorization: Bearer …)",
+        );
+    }
+    if req.method() == Method::POST && !probe && !json_body(&req) {
+        return http::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
         );
     }
     match (req.method(), path.as_str()) {
@@ -50,10 +75,37 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
     }
 }
 
+/// Why the request does not name this API (answered `421`): in `Host`, or without one in
+/// an absolute URI.
+fn check_host(hosts: &AllowedHosts, req: &Request<Incoming>) -> Result<(), &'static str> {
+    let host = match req.headers().get(hyper::header::HOST) {
+        Some(v) => v.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    match host {
+        Some(h) if hosts.allows(h) => Ok(()),
+        Some(_) => Err(
+            "the Host header names neither this API's address nor localhost on \
+             its port (the agent's --api-host adds names)",
+        ),
+        None => Err("no Host header"),
+    }
+}
+
+/// True when `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
+fn json_body(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
 fn authorized(agent: &Agent, req: &Request<Incoming>) -> bool {
     let Some(token) = &agent.config.api_token else {
         return true;
     };
+    let token = token.expose();
     let given = req
         .headers()
         .get(hyper::header::AUTHORIZATION)

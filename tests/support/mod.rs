@@ -70,6 +70,20 @@ pub struct World {
     pub agents: Vec<Identity>,
 }
 
+/// Writes a private key file as an operator must: mode 0600 (the agent refuses looser).
+pub fn write_private_key(path: &Path, pem: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .unwrap();
+}
+
 impl World {
     pub fn new(test: &str, ids: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -78,7 +92,7 @@ impl World {
             .map(|id| {
                 let key = SecretKey::generate().unwrap();
                 let key_path = dir.path().join(format!("{id}.key"));
-                std::fs::write(&key_path, key.to_pem()).unwrap();
+                write_private_key(&key_path, &key.to_pem());
                 Identity {
                     id: AgentId::new(*id).unwrap(),
                     key,
