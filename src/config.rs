@@ -118,6 +118,36 @@ pub struct ServerArgs {
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
+
+    /// open connections (agent sessions, handshakes and HTTP requests together) beyond
+    /// which new ones are refused [env DMR_MAX_CONNECTIONS] [default 10000]
+    #[argh(option, default = "10_000")]
+    pub max_connections: u32,
+
+    /// agent WebSocket handshakes in progress (upgraded, not yet logged in) beyond which new
+    /// upgrades get 503 [env DMR_MAX_HANDSHAKES] [default 256]
+    #[argh(option, default = "256")]
+    pub max_handshakes: u32,
+
+    /// largest CentOps answer read, in bytes; a longer one is refused
+    /// [env DMR_CENTOPS_MAX_BYTES] [default 16777216]
+    #[argh(option, default = "16 * 1024 * 1024")]
+    pub centops_max_bytes: u32,
+
+    /// PEM CA certificates to trust for an https:// --centops-url instead of the built-in
+    /// web roots [env DMR_CENTOPS_CA_FILE]
+    #[argh(option)]
+    pub centops_ca_file: Option<PathBuf>,
+
+    /// accept an http:// --centops-url on a host other than loopback (the directory is the
+    /// root of trust: anyone on the path could add agents) [env DMR_ALLOW_INSECURE_CENTOPS]
+    #[argh(switch)]
+    pub allow_insecure_centops: bool,
+
+    /// accept a directory with no agents (it disconnects every agent); without this it is
+    /// refused like a malformed one [env DMR_ALLOW_EMPTY_DIRECTORY]
+    #[argh(switch)]
+    pub allow_empty_directory: bool,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -331,6 +361,12 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("audit-log", false),
             ("instance", false),
             ("log-format", false),
+            ("max-connections", false),
+            ("max-handshakes", false),
+            ("centops-max-bytes", false),
+            ("centops-ca-file", false),
+            ("allow-insecure-centops", true),
+            ("allow-empty-directory", true),
         ],
     ),
 ];

@@ -35,6 +35,8 @@ pub(crate) struct ServerMetrics {
     pub(crate) rabbitmq_connected: Gauge,
     pub(crate) directory_agents: Gauge,
     pub(crate) directory_reloads: Labeled,
+    pub(crate) connections_refused: Labeled,
+    pub(crate) handshakes_in_progress: Gauge,
 }
 
 impl Default for ServerMetrics {
@@ -55,6 +57,8 @@ impl Default for ServerMetrics {
             rabbitmq_connected: Gauge::default(),
             directory_agents: Gauge::default(),
             directory_reloads: Labeled::default(),
+            connections_refused: Labeled::default(),
+            handshakes_in_progress: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -106,6 +110,16 @@ impl Default for ServerMetrics {
             "directory_reloads",
             "Directory loads by result",
             m.directory_reloads.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused before login, by reason (connections, handshakes)",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "handshakes_in_progress",
+            "WebSocket handshakes started and not yet finished",
+            m.handshakes_in_progress.clone(),
         );
         m
     }

@@ -18,6 +18,7 @@ use async_tungstenite::tungstenite::Message;
 use futures_lite::future;
 use futures_util::StreamExt;
 
+use super::admission::PreLogin;
 use super::sessions::Event;
 use super::Shared;
 use crate::audit::{self, Meta};
@@ -27,11 +28,11 @@ use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
 use crate::sync::lock;
-use crate::transport::{self, Stream, WebSocket};
+use crate::transport::{self, Metered, Stream, WebSocket};
 use crate::wait::{with_timeout, Backoff};
 
-type Sender = async_tungstenite::WebSocketSender<Stream>;
-type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
+type Sender = async_tungstenite::WebSocketSender<Metered<Stream>>;
+type Receiver = async_tungstenite::WebSocketReceiver<Metered<Stream>>;
 
 /// Publishes one session may have waiting for RabbitMQ confirms at once.
 const MAX_PENDING_SENDS: usize = 256;
@@ -53,12 +54,16 @@ fn refuse(label: &'static str, reason: impl Into<String>) -> Refusal {
     }
 }
 
-/// Runs a session to its end.
-pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
+/// Runs a session to its end. Until the handshake succeeds, `pre_login` holds the
+/// connection's place under `--max-handshakes` and caps what it may read.
+pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr, pre_login: PreLogin) {
     let (mut tx, mut rx) = ws.split();
     let limit = shared.config.handshake_timeout;
     let agent = match with_timeout(limit, handshake(&shared, &mut tx, &mut rx)).await {
-        Some(Ok(agent)) => agent,
+        Some(Ok(agent)) => {
+            pre_login.logged_in();
+            agent
+        }
         Some(Err(r)) => return refused(&shared, tx, peer, r).await,
         None => return refused(&shared, tx, peer, refuse("timeout", "handshake timed out")).await,
     };
@@ -84,7 +89,7 @@ async fn refused(shared: &Shared, mut tx: Sender, peer: SocketAddr, r: Refusal) 
         .handshakes
         .get_or_create(&[("result", r.label)])
         .inc();
-    log::warn!("refused connection from {peer}: {}", r.reason);
+    shared.admission.log_refused_login(peer, &r.reason);
     let _ = with_timeout(
         Duration::from_secs(2),
         tx.send(close_frame(CloseCode::Policy, &r.reason)),

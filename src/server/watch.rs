@@ -1,8 +1,10 @@
 //! Keeps the server's directory current from `--agents-file` (polled for changes, and on
 //! SIGHUP) and `--centops-url` (polled every `--centops-interval`).
 //!
-//! A document that fails to parse is refused with a log line and the last good directory
-//! stays in force. A change is applied in an order that never strands a message: queues of
+//! A document that fails to parse, a CentOps answer over `--centops-max-bytes`, and a
+//! directory with no agents (unless `--allow-empty-directory`) are refused with a log line
+//! naming the source, and the last good directory stays in force. The file is applied
+//! before CentOps is asked, so a slow or hostile CentOps never delays the file's agents. A change is applied in an order that never strands a message: queues of
 //! new agents are declared first, then the directory is swapped, then sessions are told
 //! (and sessions of removed or re-keyed agents are closed).
 
@@ -20,6 +22,9 @@ use crate::directory::Directory;
 use crate::protocol::ServerFrame;
 
 const FILE_POLL: Duration = Duration::from_secs(1);
+
+/// The longest one CentOps fetch may take, answer included.
+const CENTOPS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Modification time and length of the agents file; `None` while it cannot be read.
 type Stamp = Option<(SystemTime, u64)>;
@@ -54,18 +59,18 @@ pub(super) async fn run(shared: Arc<Shared>, reload: async_channel::Receiver<()>
     let mut next_poll = std::time::Instant::now();
     let mut sighup = false;
     loop {
-        let mut changed = false;
         if let Some(path) = &shared.config.agents_file {
-            changed |= check_file(&shared, path, &mut sources, sighup);
+            if check_file(&shared, path, &mut sources, sighup) {
+                apply_merged(&shared, &sources).await;
+            }
         }
         if let Some(url) = &shared.config.centops_url {
             if sighup || std::time::Instant::now() >= next_poll {
                 next_poll = std::time::Instant::now() + shared.config.centops_interval;
-                changed |= poll_centops(&shared, url, &mut sources).await;
+                if poll_centops(&shared, url, &mut sources).await {
+                    apply_merged(&shared, &sources).await;
+                }
             }
-        }
-        if let Some(d) = sources.merged().filter(|_| changed) {
-            apply(&shared, d).await;
         }
         sighup = futures_lite::future::or(async { reload.recv().await.is_ok() }, async {
             smol::Timer::after(FILE_POLL).await;
@@ -76,6 +81,26 @@ pub(super) async fn run(shared: Arc<Shared>, reload: async_channel::Receiver<()>
             log::info!("SIGHUP: re-reading the agent directory");
         }
     }
+}
+
+async fn apply_merged(shared: &Shared, sources: &Sources) {
+    if let Some(d) = sources.merged() {
+        apply(shared, d).await;
+    }
+}
+
+/// Refuses a directory with no agents unless `--allow-empty-directory`: an empty answer is
+/// far more often a broken CentOps or a truncated file than a real wish to cut every agent
+/// off.
+fn check_not_empty(shared: &Shared, d: Directory) -> Result<Directory, String> {
+    if d.is_empty() && !shared.config.allow_empty_directory {
+        return Err(
+            "the directory lists no agents, which would disconnect every agent \
+             (give --allow-empty-directory if that is intended)"
+                .into(),
+        );
+    }
+    Ok(d)
 }
 
 /// Reads the agents file if it changed since the last look (or `force`); true when a new
@@ -90,7 +115,12 @@ fn check_file(shared: &Shared, path: &Path, sources: &mut Sources, force: bool) 
     sources.file_seen = Some(stamp);
     let result = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
-        .and_then(|text| Directory::from_json(&text).map_err(|e| e.to_string()));
+        .and_then(|text| Directory::from_json(&text).map_err(|e| e.to_string()))
+        .and_then(|d| check_not_empty(shared, d))
+        .map_err(|e| match e.contains(&path.display().to_string()) {
+            true => e,
+            false => format!("{}: {e}", path.display()),
+        });
     match result {
         Ok(d) => {
             sources.file = Some(d);
@@ -106,25 +136,29 @@ async fn poll_centops(shared: &Shared, url: &str, sources: &mut Sources) -> bool
         Ok(r) => r,
         Err(e) => return refused(shared, "--centops-url", e.to_string()),
     };
-    let (status, body) = match crate::http::request(req, None, Duration::from_secs(15)).await {
+    let (tls, max) = (shared.centops_tls.as_ref(), shared.config.centops_max_bytes);
+    let fetched = crate::http::request_limited(req, tls, CENTOPS_TIMEOUT, max).await;
+    let source = format!("CentOps directory from {url}");
+    let (status, body) = match fetched {
         Ok(r) => r,
-        Err(e) => return refused(shared, "CentOps directory", e.to_string()),
+        Err(e @ crate::http::ClientError::TooLarge { .. }) => {
+            let e = format!("{e} (--centops-max-bytes)");
+            return refused(shared, &source, e);
+        }
+        Err(e) => return refused(shared, &source, e.to_string()),
     };
     if !status.is_success() {
-        return refused(
-            shared,
-            "CentOps directory",
-            format!("CentOps answered {status}"),
-        );
+        return refused(shared, &source, format!("CentOps answered {status}"));
     }
-    match Directory::from_json(&String::from_utf8_lossy(&body)) {
+    let parsed = Directory::from_json(&String::from_utf8_lossy(&body)).map_err(|e| e.to_string());
+    match parsed.and_then(|d| check_not_empty(shared, d)) {
         Ok(d) => {
             let changed = sources.centops.as_ref() != Some(&d);
             sources.centops = Some(d);
             count_reload(shared, "ok");
             changed
         }
-        Err(e) => refused(shared, "CentOps directory", e.to_string()),
+        Err(e) => refused(shared, &source, e),
     }
 }
 
