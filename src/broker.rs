@@ -277,10 +277,12 @@ impl Broker {
         if let Some(reason) = lock(&live.signals.blocked).clone() {
             return Err(BrokerError::Blocked(reason));
         }
-        let result = Compat::new(
-            live.publisher
-                .publish(&self.shared.exchange, header, body, CONFIRM_TIMEOUT),
-        )
+        let result = Compat::new(live.publisher.publish(
+            &self.shared.exchange,
+            header,
+            body,
+            CONFIRM_TIMEOUT,
+        ))
         .await;
         match &result {
             Ok(()) | Err(BrokerError::Refused(_)) => self.shared.health.answered(Instant::now()),

@@ -535,7 +535,10 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
     // purge or replay anything.
     ("dlq list", &[("amqp-url", false), ("queue-prefix", false)]),
     ("dlq show", &[("amqp-url", false), ("queue-prefix", false)]),
-    ("dlq replay", &[("amqp-url", false), ("queue-prefix", false)]),
+    (
+        "dlq replay",
+        &[("amqp-url", false), ("queue-prefix", false)],
+    ),
     ("dlq purge", &[("amqp-url", false), ("queue-prefix", false)]),
     ("health", &[("listen", false)]),
 ];

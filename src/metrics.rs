@@ -19,7 +19,11 @@ fn build_info() -> Registry {
     let git = crate::ops::GIT_SHA.unwrap_or("unknown");
     info.get_or_create(&[("version", crate::ops::VERSION), ("git", git)])
         .set(1);
-    registry.register("build_info", "The running build: version and git commit", info);
+    registry.register(
+        "build_info",
+        "The running build: version and git commit",
+        info,
+    );
     registry
 }
 

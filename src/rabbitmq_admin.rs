@@ -26,7 +26,11 @@ pub enum AdminError {
     /// 401/403: the credentials are wrong or the user may not do this.
     Denied { url: String, status: u16 },
     /// Any other unexpected status, with RabbitMQ's explanation.
-    Status { what: String, status: u16, body: String },
+    Status {
+        what: String,
+        status: u16,
+        body: String,
+    },
     /// The answer was not the JSON expected.
     BadAnswer { what: String, why: String },
 }
@@ -193,12 +197,14 @@ impl Admin {
     ) -> Result<Option<serde_json::Value>, AdminError> {
         match self.call(Method::GET, path, None).await? {
             (StatusCode::NOT_FOUND, _) => Ok(None),
-            (s, body) if s.is_success() => serde_json::from_slice(&body)
-                .map(Some)
-                .map_err(|e| AdminError::BadAnswer {
-                    what,
-                    why: e.to_string(),
-                }),
+            (s, body) if s.is_success() => {
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| AdminError::BadAnswer {
+                        what,
+                        why: e.to_string(),
+                    })
+            }
             (status, body) => Err(self.status(what, status, body)),
         }
     }

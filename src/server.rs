@@ -161,7 +161,6 @@ impl Shared {
     fn directory(&self) -> Arc<Directory> {
         crate::sync::read(&self.directory).clone()
     }
-
 }
 
 /// Runs the server until SIGTERM or SIGINT.

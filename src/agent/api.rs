@@ -34,9 +34,10 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
         (&Method::GET, "/v1/health") => health(&agent),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => ready(&agent),
-        (&Method::GET, "/metrics") if agent.config.metrics_listen.is_some() => {
-            http::error(StatusCode::NOT_FOUND, "metrics are served on --metrics-listen")
-        }
+        (&Method::GET, "/metrics") if agent.config.metrics_listen.is_some() => http::error(
+            StatusCode::NOT_FOUND,
+            "metrics are served on --metrics-listen",
+        ),
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,

@@ -29,9 +29,7 @@ fn main() {
             dmr::process::init();
             dmr::ops::dlq_command(&args.command).map_err(|e| e.to_string())
         }
-        ServerCommand::Health(args) => {
-            dmr::ops::health_command(&args).map_err(|e| e.to_string())
-        }
+        ServerCommand::Health(args) => dmr::ops::health_command(&args).map_err(|e| e.to_string()),
     };
     if let Err(e) = result {
         eprintln!("dmr-server: {e}");

@@ -90,9 +90,7 @@ impl Op {
             Op::Passive { .. }
             | Op::Purge { .. }
             | Op::DeleteQueue { .. }
-            | Op::DeleteExchange { .. } => {
-                BrokerError::Refused(said)
-            }
+            | Op::DeleteExchange { .. } => BrokerError::Refused(said),
             _ => BrokerError::Declare(said),
         }
     }
@@ -208,7 +206,12 @@ impl<'a> Declarer<'a> {
     /// is, so use it and tell the operator to migrate it.
     async fn use_existing(&mut self, queue: &str, refusal: &str) -> Result<(), BrokerError> {
         let queue = queue.to_owned();
-        match self.run(Op::Passive { queue: queue.clone() }).await {
+        match self
+            .run(Op::Passive {
+                queue: queue.clone(),
+            })
+            .await
+        {
             Ok(_) => {
                 log::warn!(
                     "queue {queue} was declared with other arguments (by an older dmr-server: \

@@ -70,11 +70,7 @@ impl DeadLetter {
         let deaths = get("x-death").map(x_death).unwrap_or_default();
         let dmr_reason = delivery.reason.clone();
         let dmr_at = get(HEADER_DEAD_LETTERED_AT).and_then(as_u64);
-        let first_death_at = deaths
-            .iter()
-            .filter_map(|d| d.time)
-            .chain(dmr_at)
-            .min();
+        let first_death_at = deaths.iter().filter_map(|d| d.time).chain(dmr_at).min();
         let mut shown: Vec<(String, String)> = headers
             .as_ref()
             .iter()

@@ -187,7 +187,10 @@ mod tests {
         assert_eq!(t.dlq_policy(1).pattern, r"^p\.dmr\.dlq$");
         assert_eq!(t.agent_policy_name(), "p.dmr-agents");
         assert_eq!(t.agent_policy().definition["delivery-limit"], 10);
-        assert_eq!(t.agent_policy().definition["dead-letter-exchange"], "p.dmr.dlx");
+        assert_eq!(
+            t.agent_policy().definition["dead-letter-exchange"],
+            "p.dmr.dlx"
+        );
         assert!(Topology {
             prefix: "x".repeat(182),
             ..t.clone()

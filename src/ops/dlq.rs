@@ -25,9 +25,11 @@ pub fn dlq_command(command: &DlqCommand) -> CommandResult {
     };
     if let DlqCommand::Purge(a) = command {
         if !a.yes {
-            return Err("dlq purge deletes every message in the dead-letter queue for good: \
+            return Err(
+                "dlq purge deletes every message in the dead-letter queue for good: \
                         add --yes to confirm (read them first with dmr-server dlq list)"
-                .into());
+                    .into(),
+            );
         }
     }
     let topology = Topology {
@@ -78,7 +80,8 @@ async fn run(broker: &Broker, command: &DlqCommand) -> CommandResult {
 /// RFC 3339 for Unix seconds.
 fn when(secs: Option<u64>) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs?).ok()?).ok()?;
-    t.format(&time::format_description::well_known::Rfc3339).ok()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 /// The `list --json` object of one message (DESIGN §7 keys).
@@ -203,8 +206,16 @@ async fn replay(broker: &Broker, snapshot: &DlqSnapshot, a: &DlqReplayArgs) -> C
             }
         }
     }
-    let verb = if a.dry_run { "would replay" } else { "replayed" };
-    println!("{verb} {} of {} messages", chosen.len() - failed, chosen.len());
+    let verb = if a.dry_run {
+        "would replay"
+    } else {
+        "replayed"
+    };
+    println!(
+        "{verb} {} of {} messages",
+        chosen.len() - failed,
+        chosen.len()
+    );
     if failed > 0 || !missing.is_empty() {
         return Err(format!("{failed} failed, {} not found", missing.len()).into());
     }
