@@ -30,6 +30,9 @@ COPY . .
 # Cache mounts keep the registry and the target dir between builds; the binaries are copied
 # out of it because a cache mount is not part of the image layer.
 ENV CARGO_TARGET_DIR=/src/target
+# The commit `--version` and dmr_build_info report (.git is usually not in the context):
+# docker build --build-arg DMR_GIT_SHA="$(git rev-parse --short=12 HEAD)" …
+ARG DMR_GIT_SHA=
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --target x86_64-unknown-linux-musl --bins \

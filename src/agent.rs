@@ -60,6 +60,11 @@ pub struct AgentConfig {
     pub webhook_retry_max: Duration,
     /// How long `POST /v1/messages` waits for the server's answer.
     pub send_timeout: Duration,
+    /// `--previous-key`: the private key before the last rotation, tried when a message
+    /// does not open with the current one.
+    pub previous_key_path: Option<PathBuf>,
+    /// `--metrics-listen`: `/metrics` only there, not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -121,6 +126,8 @@ impl AgentConfig {
             message_ttl_ms: a.message_ttl.saturating_mul(1000),
             webhook_retry_max: Duration::from_secs(a.webhook_retry_max.max(1)),
             send_timeout: Duration::from_secs(30),
+            previous_key_path: a.previous_key,
+            metrics_listen: a.metrics_listen,
         })
     }
 }
@@ -152,6 +159,8 @@ struct Link {
 struct Agent {
     config: AgentConfig,
     key: SecretKey,
+    /// The key before the last rotation (`--previous-key`), if given.
+    previous_key: Option<SecretKey>,
     directory: RwLock<Arc<Directory>>,
     limits: RwLock<Option<Limits>>,
     link: Mutex<Option<Link>>,
@@ -213,6 +222,19 @@ impl Agent {
     fn new(config: AgentConfig) -> Result<Arc<Self>, Box<dyn std::error::Error>> {
         let key =
             crate::crypto::read_key_file(&config.key_path).map_err(|e| format!("--key: {e}"))?;
+        let previous_key = match &config.previous_key_path {
+            None => None,
+            Some(p) => {
+                let old =
+                    crate::crypto::read_key_file(p).map_err(|e| format!("--previous-key: {e}"))?;
+                log::info!(
+                    "--previous-key {}: messages sealed to it still open; drop it once the \
+                     message TTL has passed since the rotation",
+                    p.display()
+                );
+                Some(old)
+            }
+        };
         let https_webhook = config
             .deliver_url
             .as_ref()
@@ -227,6 +249,7 @@ impl Agent {
             replay: Mutex::new(replay::Guard::default()),
             config,
             key,
+            previous_key,
             directory: RwLock::default(),
             limits: RwLock::default(),
             link: Mutex::default(),
@@ -282,6 +305,18 @@ async fn serve(
     if agent.config.deliver_url.is_none() {
         log::warn!("no --deliver-url: incoming messages stay in the queue until one is configured");
     }
+    let metrics_task = match agent.config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = crate::metrics::bind_separately(addr).await?;
+            log::info!("metrics on http://{addr}/metrics (not on --listen)");
+            let render = {
+                let agent = agent.clone();
+                Arc::new(move || agent.metrics.render()) as Arc<dyn Fn() -> String + Send + Sync>
+            };
+            Some(crate::metrics::serve_separately(listener, render))
+        }
+    };
     let link = smol::spawn(link::run(agent.clone()));
     let stop = async {
         while let Ok(sig) = signals.recv().await {
@@ -298,6 +333,7 @@ async fn serve(
     log::info!("stopping: finishing deliveries in progress");
     inbox::drain(&agent, Duration::from_secs(10)).await;
     drop(link);
+    drop(metrics_task);
     log::info!("stopped");
     Ok(())
 }

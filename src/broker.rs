@@ -19,14 +19,17 @@
 //! The parts: [`Topology`] (names and arguments), [`BrokerError`], `compat` (amqprs on smol),
 //! `supervisor` (the reconnect loop), `connect` (setting up one connection), `url` (node
 //! URLs), `tls` (amqps), `declare` (topology operations), `channel` (why RabbitMQ closed a
-//! channel), `publisher` (confirms) and [`Consumer`].
+//! channel), `publisher` (confirms), [`Consumer`], `health` (are publishes confirmed, for
+//! readiness) and `dlq` (reading, replaying and purging the dead-letter queue).
 
 mod channel;
 mod compat;
 mod connect;
 mod consumer;
 mod declare;
+mod dlq;
 mod error;
+mod health;
 mod publisher;
 mod supervisor;
 mod tls;
@@ -37,12 +40,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_compat::Compat;
 use futures_lite::future;
 
 pub use consumer::{Consumer, Delivery};
+pub use dlq::{DeadLetter, DlqSnapshot};
 pub use error::BrokerError;
 pub use topology::Topology;
 
@@ -51,9 +55,8 @@ use crate::sync::lock;
 use crate::wait::with_timeout;
 use compat::detached;
 use connect::Live;
-use declare::Declarer;
-#[cfg(feature = "test-support")]
-use declare::Op;
+use declare::{Declarer, Op};
+use health::PublishHealth;
 use tls::Tls;
 use url::NodeUrl;
 
@@ -96,6 +99,8 @@ struct Shared {
     stopped: async_channel::Receiver<()>,
     /// Closed by the supervisor when it has finished.
     done: async_channel::Receiver<()>,
+    /// Whether publishes get their confirms, for readiness.
+    health: PublishHealth,
 }
 
 struct State {
@@ -180,6 +185,12 @@ fn parse_nodes(urls: &[String]) -> Result<Vec<NodeUrl>, BrokerError> {
     Ok(nodes)
 }
 
+/// The vhost of the first node of `--amqp-url` (as given, e.g. `/` for `%2f`).
+pub fn vhost_of(urls: &[String]) -> Result<String, BrokerError> {
+    let nodes = parse_nodes(urls)?;
+    Ok(nodes.first().map(|n| n.vhost.clone()).unwrap_or_default())
+}
+
 impl Broker {
     /// Starts the background task that connects, declares the topology and keeps the
     /// connection alive; returns at once (see [`Broker::connected`]).
@@ -238,6 +249,7 @@ impl Broker {
             stop,
             stopped,
             done,
+            health: PublishHealth::default(),
         });
         smol::spawn(Compat::new(supervisor::supervise(shared.clone(), done_tx))).detach();
         Ok(Broker { shared })
@@ -331,11 +343,30 @@ impl Broker {
         if let Some(reason) = lock(&live.signals.blocked).clone() {
             return Err(BrokerError::Blocked(reason));
         }
-        Compat::new(
-            live.publisher
-                .publish(&self.shared.exchange, header, body, CONFIRM_TIMEOUT),
-        )
-        .await
+        let result = Compat::new(live.publisher.publish(
+            &self.shared.exchange,
+            header,
+            body,
+            CONFIRM_TIMEOUT,
+        ))
+        .await;
+        match &result {
+            Ok(()) | Err(BrokerError::Refused(_)) => self.shared.health.answered(Instant::now()),
+            Err(BrokerError::Timeout) => self.shared.health.timed_out(Instant::now()),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Why publishing does not work right now although connected, if it does not: RabbitMQ
+    /// blocks publishers (`connection.blocked`: a memory or disk alarm), or publishes time
+    /// out (see `health`). `None` when not connected: [`Broker::is_connected`] says that.
+    pub fn publish_problem(&self) -> Option<String> {
+        let live = self.shared.live()?;
+        if let Some(reason) = lock(&live.signals.blocked).clone() {
+            return Some(format!("RabbitMQ blocks publishing: {reason}"));
+        }
+        self.shared.health.problem(Instant::now())
     }
 
     /// Moves `delivery` to the dead-letter exchange with `reason` in its `x-dmr-reason`
@@ -352,6 +383,9 @@ impl Broker {
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         if let Ok(key) = HEADER_REASON.try_into() {
             headers.insert(key, amqprs::FieldValue::from(reason.as_str()));
+        }
+        if let Ok(key) = dlq::HEADER_DEAD_LETTERED_AT.try_into() {
+            headers.insert(key, amqprs::FieldValue::T(dlq::now_secs()));
         }
         properties.with_headers(headers);
         let message_id = delivery.message_id.clone().unwrap_or_default();
@@ -399,12 +433,6 @@ impl Broker {
         self.depth(self.shared.topology.queue(agent)).await
     }
 
-    /// Messages ready in the dead-letter queue.
-    #[cfg(feature = "test-support")]
-    pub async fn dlq_depth(&self) -> Result<u32, BrokerError> {
-        self.depth(self.shared.topology.dlq()).await
-    }
-
     #[cfg(feature = "test-support")]
     async fn depth(&self, queue: String) -> Result<u32, BrokerError> {
         self.run_ops(vec![Op::Passive { queue }]).await
@@ -441,7 +469,6 @@ impl Broker {
 
     /// Runs `ops` in turn on the live connection, stopping at the first error; the result of
     /// the last one.
-    #[cfg(feature = "test-support")]
     async fn run_ops(&self, ops: Vec<Op>) -> Result<u32, BrokerError> {
         let live = self.shared.live().ok_or(BrokerError::NotConnected)?;
         detached(OP_TIMEOUT, async move {

@@ -29,6 +29,9 @@ pub struct ServerCli {
 pub enum ServerCommand {
     Run(ServerArgs),
     Directory(DirectoryArgs),
+    Rabbitmq(RabbitmqArgs),
+    Dlq(DlqArgs),
+    Health(HealthArgs),
 }
 
 /// Relay agents' encrypted messages through RabbitMQ. Every flag can also be set with the
@@ -84,7 +87,8 @@ pub struct ServerArgs {
     #[argh(option, default = "86400")]
     pub message_ttl: u64,
 
-    /// deliveries of one message before it goes to the dead-letter queue
+    /// deliveries of one message before it goes to the dead-letter queue; the queues get
+    /// it from the policy of `dmr-server rabbitmq setup`, this value is only compared with it
     /// [env DMR_DELIVERY_LIMIT] [default 10]
     #[argh(option, default = "10")]
     pub delivery_limit: u32,
@@ -148,6 +152,194 @@ pub struct ServerArgs {
     /// refused like a malformed one [env DMR_ALLOW_EMPTY_DIRECTORY]
     #[argh(switch)]
     pub allow_empty_directory: bool,
+    /// serve /metrics on this address only (instead of on --listen), to keep it off a
+    /// public agent-facing port [env DMR_METRICS_LISTEN] [default none: on --listen]
+    #[argh(option)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// the RabbitMQ management API URL (http://user:password@host:15672); at start the server
+    /// checks that the queue policies of `dmr-server rabbitmq setup` exist
+    /// [env DMR_MANAGEMENT_URL] [default none: not checked]
+    #[argh(option)]
+    pub management_url: Option<String>,
+}
+
+/// Administer RabbitMQ for DMR.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "rabbitmq")]
+pub struct RabbitmqArgs {
+    #[argh(subcommand)]
+    pub command: RabbitmqCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum RabbitmqCommand {
+    Setup(RabbitmqSetupArgs),
+}
+
+/// Apply DMR's queue policies (TTL, delivery limit, dead-lettering, overflow, DLQ
+/// retention) through the management API; idempotent, re-run it to change them on live
+/// queues. Needs a management user tagged policymaker or administrator.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "setup")]
+pub struct RabbitmqSetupArgs {
+    /// the RabbitMQ management API URL, credentials in it (default guest:guest)
+    /// [env DMR_MANAGEMENT_URL] [default http://127.0.0.1:15672]
+    #[argh(option, default = "\"http://127.0.0.1:15672\".into()")]
+    pub management_url: String,
+
+    /// the servers' --amqp-url, whose vhost the policies go to (unless --vhost is given)
+    /// [env DMR_AMQP_URL] [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the vhost to apply the policies to [env DMR_VHOST] [default: --amqp-url's]
+    #[argh(option)]
+    pub vhost: Option<String>,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// seconds a message may wait in an agent's queue before it is dead-lettered
+    /// [env DMR_MESSAGE_TTL] [default 86400]
+    #[argh(option, default = "86400")]
+    pub message_ttl: u64,
+
+    /// deliveries of one message before it goes to the dead-letter queue
+    /// [env DMR_DELIVERY_LIMIT] [default 10]
+    #[argh(option, default = "10")]
+    pub delivery_limit: u32,
+
+    /// seconds a message is kept in the dead-letter queue before RabbitMQ drops it
+    /// [env DMR_DLQ_RETENTION] [default 1209600 (14 days)]
+    #[argh(option, default = "1_209_600")]
+    pub dlq_retention: u64,
+}
+
+/// Read, replay and purge the dead-letter queue.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "dlq")]
+pub struct DlqArgs {
+    #[argh(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum DlqCommand {
+    List(DlqListArgs),
+    Show(DlqShowArgs),
+    Replay(DlqReplayArgs),
+    Purge(DlqPurgeArgs),
+}
+
+/// Where the dead-letter queue is: the same flags (and env) as `run`.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "list")]
+pub struct DlqListArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// print a JSON array instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Show one dead-lettered message's metadata and headers (never its sealed content).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "show")]
+pub struct DlqShowArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+
+    /// the message id
+    #[argh(positional)]
+    pub id: String,
+}
+
+/// Publish dead-lettered messages again to their recipients' queues; each leaves the DLQ
+/// only once RabbitMQ confirmed the new copy.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "replay")]
+pub struct DlqReplayArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// replay this message (repeatable; ids may also be given as arguments)
+    #[argh(option)]
+    pub id: Vec<String>,
+
+    /// replay every message for this recipient agent
+    #[argh(option)]
+    pub recipient: Option<String>,
+
+    /// replay every message
+    #[argh(switch)]
+    pub all: bool,
+
+    /// only say what would be replayed
+    #[argh(switch)]
+    pub dry_run: bool,
+
+    /// message ids to replay
+    #[argh(positional)]
+    pub ids: Vec<String>,
+}
+
+/// Delete every message in the dead-letter queue.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "purge")]
+pub struct DlqPurgeArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// yes, delete them (required)
+    #[argh(switch)]
+    pub yes: bool,
+}
+
+/// Exit 0 if the server's GET /healthz answers 200, else 1 (for container health checks).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "health")]
+pub struct HealthArgs {
+    /// the server's --listen; 0.0.0.0 and [::] are asked on loopback
+    /// [env DMR_LISTEN] [default 127.0.0.1:8075]
+    #[argh(option, default = "\"127.0.0.1:8075\".parse().unwrap()")]
+    pub listen: SocketAddr,
+
+    /// the full URL to ask instead, e.g. https://host:8075/healthz
+    #[argh(option)]
+    pub url: Option<String>,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -232,6 +424,16 @@ pub struct AgentArgs {
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
+
+    /// the private key before the last rotation (keygen --force keeps it as PREFIX.key.old):
+    /// messages still sealed to it open during a rotation [env DMR_PREVIOUS_KEY]
+    #[argh(option)]
+    pub previous_key: Option<PathBuf>,
+
+    /// serve /metrics on this address only (instead of on --listen)
+    /// [env DMR_METRICS_LISTEN] [default none: on --listen]
+    #[argh(option)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -367,8 +569,32 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("centops-ca-file", false),
             ("allow-insecure-centops", true),
             ("allow-empty-directory", true),
+            ("metrics-listen", false),
+            ("management-url", false),
         ],
     ),
+    (
+        "rabbitmq setup",
+        &[
+            ("management-url", false),
+            ("amqp-url", false),
+            ("vhost", false),
+            ("queue-prefix", false),
+            ("message-ttl", false),
+            ("delivery-limit", false),
+            ("dlq-retention", false),
+        ],
+    ),
+    // Never --yes, --all or --json from the environment: a leftover variable must not
+    // purge or replay anything.
+    ("dlq list", &[("amqp-url", false), ("queue-prefix", false)]),
+    ("dlq show", &[("amqp-url", false), ("queue-prefix", false)]),
+    (
+        "dlq replay",
+        &[("amqp-url", false), ("queue-prefix", false)],
+    ),
+    ("dlq purge", &[("amqp-url", false), ("queue-prefix", false)]),
+    ("health", &[("listen", false)]),
 ];
 
 pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
@@ -388,6 +614,8 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("webhook-retry-max", false),
             ("api-host", false),
             ("allow-no-token", true),
+            ("previous-key", false),
+            ("metrics-listen", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),

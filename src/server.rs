@@ -5,6 +5,7 @@
 //! [`watch`] task keeps the directory current; the [`Broker`] holds the RabbitMQ side.
 //! The server keeps no message state of its own: what it has accepted is in RabbitMQ.
 
+mod admin;
 mod admission;
 mod guard;
 mod outstanding;
@@ -69,6 +70,10 @@ pub(crate) struct ServerConfig {
     pub(crate) centops_ca_file: Option<PathBuf>,
     /// `--allow-empty-directory`: take a directory with no agents.
     pub(crate) allow_empty_directory: bool,
+    /// `--metrics-listen`: `/metrics` only there, not on `listen`.
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// `--management-url`: the RabbitMQ management API, to check the policies at start.
+    pub(crate) management_url: Option<String>,
 }
 
 /// Whether `host` (from a URL) names this machine: `localhost` or a loopback address.
@@ -166,6 +171,8 @@ impl ServerConfig {
             .instance
             .unwrap_or_else(|| format!("{}:{}", crate::audit::hostname(), a.listen.port()));
         Ok(Self {
+            metrics_listen: a.metrics_listen,
+            management_url: a.management_url.filter(|u| !u.is_empty()),
             policy_file: a.policy_file,
             audit_log: a.audit_log,
             instance,
@@ -223,13 +230,6 @@ pub(crate) struct Shared {
 impl Shared {
     fn directory(&self) -> Arc<Directory> {
         crate::sync::read(&self.directory).clone()
-    }
-
-    /// Ready = RabbitMQ connected, a directory loaded, and not stopping.
-    fn ready(&self) -> bool {
-        self.broker.is_connected()
-            && self.directory_loaded.load(Ordering::Relaxed)
-            && !self.stopping.load(Ordering::Relaxed)
     }
 }
 
@@ -299,6 +299,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
         let policy_watcher = (shared.config.policy_file.clone())
             .map(|path| smol::spawn(guard::watch(shared.clone(), path)));
+        let background = admin::start(&shared).await?;
         let stop = async {
             while let Ok(sig) = signals.recv().await {
                 match sig {
@@ -327,6 +328,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         http::serve_with(listener, tls, options, handler, stop).await;
         drop(watcher);
         drop(policy_watcher);
+        drop(background);
         shutdown(&shared).await;
         Ok(())
     })
@@ -357,6 +359,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
         (&Method::GET, "/v1/ws") => upgrade(shared, req, peer),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") if shared.config.metrics_listen.is_some() => http::error(
+            StatusCode::NOT_FOUND,
+            "metrics are served on --metrics-listen",
+        ),
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
@@ -387,17 +393,19 @@ fn metrics(shared: &Shared) -> String {
 fn readyz(shared: &Shared) -> Response<Body> {
     let broker = shared.broker.is_connected();
     let directory = shared.directory_loaded.load(Ordering::Relaxed);
-    let status = match shared.ready() {
-        true => StatusCode::OK,
-        false => StatusCode::SERVICE_UNAVAILABLE,
+    let reason = admin::not_ready_reason(shared);
+    let status = match reason {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    http::json(
-        status,
-        &serde_json::json!({
-            "rabbitmq": broker, "directory": directory, "agents": shared.directory().len(),
-            "sessions": shared.sessions.len(),
-        }),
-    )
+    let mut body = serde_json::json!({
+        "rabbitmq": broker, "directory": directory, "agents": shared.directory().len(),
+        "sessions": shared.sessions.len(),
+    });
+    if let Some(reason) = reason {
+        body["reason"] = reason.into();
+    }
+    http::json(status, &body)
 }
 
 /// Answers the WebSocket upgrade and starts the session once hyper hands the connection over.

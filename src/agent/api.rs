@@ -59,6 +59,10 @@ pub(super) async fn route(
         (&Method::GET, "/v1/health") => health(&agent),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => ready(&agent),
+        (&Method::GET, "/metrics") if agent.config.metrics_listen.is_some() => http::error(
+            StatusCode::NOT_FOUND,
+            "metrics are served on --metrics-listen",
+        ),
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,

@@ -169,7 +169,14 @@ async fn open(agent: &Agent, envelope: &Envelope) -> Result<serde_json::Value, D
             known.ok_or_else(|| DeliveryError::UnknownSender(h.sender.clone()))?
         }
     };
-    let payload = crypto::open(&agent.key, &sender.public_key, envelope)
+    // During a key rotation, messages sealed to the previous key still arrive for a while.
+    let opened = crypto::open(&agent.key, &sender.public_key, envelope).or_else(|e| {
+        match &agent.previous_key {
+            Some(old) => crypto::open(old, &sender.public_key, envelope).map_err(|_| e),
+            None => Err(e),
+        }
+    });
+    let payload = opened
         .map_err(|e| DeliveryError::Unopenable(e.to_string()))
         .and_then(|plaintext| {
             serde_json::from_slice(&plaintext).map_err(|e| DeliveryError::NotJson(e.to_string()))

@@ -178,7 +178,51 @@ impl Drop for World {
             }
             let _ = conn.close().await;
         }));
+        remove_policies(&self.prefix);
     }
+}
+
+/// The RabbitMQ management API of the test node.
+pub const MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
+
+/// Runs `dmr-server rabbitmq setup` for `prefix` on vhost `/`, passing on the queue
+/// settings among `flags` (`--delivery-limit N`, `--message-ttl S`): queues get those from
+/// the policy, not from `run`'s flags.
+pub fn rabbitmq_setup(prefix: &str, flags: &[&str]) {
+    let mut args: Vec<String> = vec![
+        "rabbitmq".into(),
+        "setup".into(),
+        "--management-url".into(),
+        MANAGEMENT_URL.into(),
+        "--queue-prefix".into(),
+        prefix.into(),
+    ];
+    for pair in flags.windows(2) {
+        if matches!(
+            pair[0],
+            "--delivery-limit" | "--message-ttl" | "--dlq-retention"
+        ) {
+            args.extend([pair[0].to_owned(), pair[1].to_owned()]);
+        }
+    }
+    let out = Command::new(SERVER_BIN).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dmr-server {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the policies `rabbitmq_setup` made for `prefix`, if any. Never panics.
+pub fn remove_policies(prefix: &str) {
+    let Ok(admin) = dmr::rabbitmq_admin::Admin::new(MANAGEMENT_URL) else {
+        return;
+    };
+    smol::block_on(async {
+        for name in [format!("{prefix}dmr-agents"), format!("{prefix}dmr-dlq")] {
+            let _ = admin.delete_policy("/", &name).await;
+        }
+    });
 }
 
 fn amqp_args() -> OpenConnectionArguments {
@@ -427,6 +471,10 @@ impl Server {
     }
 
     pub fn start_on(world: &World, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let queue_settings = ["--delivery-limit", "--message-ttl"];
+        if extra.iter().any(|f| queue_settings.contains(f)) {
+            rabbitmq_setup(&world.prefix, extra);
+        }
         let args = server_args(world, addr, extra);
         let mut s = Self {
             proc: Proc::spawn(name, SERVER_BIN, &args, world.dir.path()),
