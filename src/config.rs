@@ -351,6 +351,8 @@ pub struct AgentCli {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+// Parsed once at start: the size difference between subcommands costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentCommand {
     Run(AgentArgs),
     Keygen(KeygenArgs),

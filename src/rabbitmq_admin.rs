@@ -22,7 +22,10 @@ pub enum AdminError {
     /// `--management-url` cannot be used.
     Url(String),
     /// No answer: RabbitMQ down, the plugin not enabled, a wrong port.
-    Unreachable { url: String, source: ClientError },
+    Unreachable {
+        url: String,
+        source: Box<ClientError>,
+    },
     /// 401/403: the credentials are wrong or the user may not do this.
     Denied { url: String, status: u16 },
     /// Any other unexpected status, with RabbitMQ's explanation.
@@ -228,7 +231,7 @@ impl Admin {
             .await
             .map_err(|source| AdminError::Unreachable {
                 url: self.base.clone(),
-                source,
+                source: Box::new(source),
             })
     }
 

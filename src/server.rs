@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::broker::{Broker, BrokerOptions, Topology};
-use crate::config::{split_list, ConfigError, ServerArgs};
+use crate::config::{split_list, ConfigError, ServerArgs, UrlWithPassword};
 use crate::directory::Directory;
 use crate::http::{self, Body};
 use crate::metrics::ServerMetrics;
@@ -40,7 +40,8 @@ use sessions::Sessions;
 #[derive(Clone, Debug)]
 pub(crate) struct ServerConfig {
     pub(crate) listen: SocketAddr,
-    pub(crate) amqp_urls: Vec<String>,
+    /// Each URL may carry a password: `Debug` masks it (as for `management_url`).
+    pub(crate) amqp_urls: Vec<UrlWithPassword>,
     /// `--amqp-ca-file`: the CA trusted for `amqps://` nodes instead of the web PKI roots.
     pub(crate) amqp_ca_file: Option<PathBuf>,
     pub(crate) agents_file: Option<PathBuf>,
@@ -73,7 +74,7 @@ pub(crate) struct ServerConfig {
     /// `--metrics-listen`: `/metrics` only there, not on `listen`.
     pub(crate) metrics_listen: Option<SocketAddr>,
     /// `--management-url`: the RabbitMQ management API, to check the policies at start.
-    pub(crate) management_url: Option<String>,
+    pub(crate) management_url: Option<UrlWithPassword>,
 }
 
 /// Whether `host` (from a URL) names this machine: `localhost` or a loopback address.
@@ -172,12 +173,15 @@ impl ServerConfig {
             .unwrap_or_else(|| format!("{}:{}", crate::audit::hostname(), a.listen.port()));
         Ok(Self {
             metrics_listen: a.metrics_listen,
-            management_url: a.management_url.filter(|u| !u.is_empty()),
+            management_url: a
+                .management_url
+                .filter(|u| !u.is_empty())
+                .map(|u| u.as_str().into()),
             policy_file: a.policy_file,
             audit_log: a.audit_log,
             instance,
             listen: a.listen,
-            amqp_urls,
+            amqp_urls: amqp_urls.iter().map(|u| u.as_str().into()).collect(),
             amqp_ca_file: a.amqp_ca_file,
             agents_file: a.agents_file,
             centops_url: a.centops_url,
@@ -198,6 +202,11 @@ impl ServerConfig {
             centops_ca_file: a.centops_ca_file,
             allow_empty_directory: a.allow_empty_directory,
         })
+    }
+
+    /// The AMQP URLs, passwords included: only for connecting.
+    pub(crate) fn amqp_urls(&self) -> Vec<String> {
+        self.amqp_urls.iter().map(|u| u.expose().clone()).collect()
     }
 
     fn limits(&self) -> Limits {
@@ -268,7 +277,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         ca_file: config.amqp_ca_file.clone(),
         ..BrokerOptions::default()
     };
-    let broker = Broker::start_with(config.amqp_urls.clone(), config.topology.clone(), options)?;
+    let broker = Broker::start_with(config.amqp_urls(), config.topology.clone(), options)?;
     let signals = signals::listen()?;
     smol::block_on(async move {
         let listener = smol::net::TcpListener::bind(config.listen)

@@ -41,7 +41,7 @@ pub(super) async fn start(shared: &Arc<Shared>) -> Result<Background, String> {
         tasks.push(smol::spawn(async move {
             shared.broker.connected().await;
             let config = &shared.config;
-            crate::ops::check_policies(&url, &config.amqp_urls, &config.topology).await;
+            crate::ops::check_policies(url.expose(), &config.amqp_urls(), &config.topology).await;
         }));
     } else {
         log::info!(
