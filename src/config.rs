@@ -54,6 +54,11 @@ pub struct ServerArgs {
     #[argh(option)]
     pub centops_url: Option<String>,
 
+    /// URL of the base64 Ed25519 signature over the CentOps document's exact bytes, fetched
+    /// with each poll and forwarded to agents with the document [env DMR_CENTOPS_SIGNATURE_URL]
+    #[argh(option)]
+    pub centops_signature_url: Option<String>,
+
     /// seconds between CentOps polls [env DMR_CENTOPS_INTERVAL] [default 60]
     #[argh(option, default = "60")]
     pub centops_interval: u64,
@@ -184,6 +189,18 @@ pub struct AgentArgs {
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
+
+    /// this agent's state (pinned keys, delivered message ids); one per agent, never shared
+    /// [env DMR_STATE_DIR] [default $STATE_DIRECTORY/<id> under systemd's StateDirectory=,
+    /// else /var/lib/dmr-agent/<id>]
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+
+    /// operator's Ed25519 public key (SPKI PEM) that must have signed the directory;
+    /// repeatable; without one, agent keys are pinned on first use
+    /// [env DMR_DIRECTORY_KEY, comma-separated]
+    #[argh(option)]
+    pub directory_key: Vec<String>,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -299,6 +316,7 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("amqp-url", false),
             ("agents-file", false),
             ("centops-url", false),
+            ("centops-signature-url", false),
             ("centops-interval", false),
             ("tls-cert", false),
             ("tls-key", false),
@@ -329,6 +347,8 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
             ("log-format", false),
+            ("state-dir", false),
+            ("directory-key", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),

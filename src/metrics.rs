@@ -146,6 +146,8 @@ pub(crate) struct AgentMetrics {
     pub(crate) decrypt_failures: Counter,
     pub(crate) send_seconds: Histogram,
     pub(crate) delivery_seconds: Histogram,
+    pub(crate) directory_refused: Counter,
+    pub(crate) key_changes: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -166,6 +168,8 @@ impl Default for AgentMetrics {
             decrypt_failures: Counter::default(),
             send_seconds: latency(),
             delivery_seconds: latency(),
+            directory_refused: Counter::default(),
+            key_changes: Gauge::default(),
         };
         m.webhook_up.set(1);
         let r = &mut m.registry;
@@ -234,6 +238,16 @@ impl Default for AgentMetrics {
             "delivery_seconds",
             "Sender's timestamp to webhook success",
             m.delivery_seconds.clone(),
+        );
+        r.register(
+            "directory_refused",
+            "Directories from the server refused (bad or missing signature, unparsable)",
+            m.directory_refused.clone(),
+        );
+        r.register(
+            "key_changes",
+            "Agents whose key changed in the directory and is not confirmed (not used)",
+            m.key_changes.clone(),
         );
         m
     }

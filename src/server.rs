@@ -25,7 +25,7 @@ use crate::config::{split_list, ConfigError, ServerArgs};
 use crate::directory::Directory;
 use crate::http::{self, Body};
 use crate::metrics::ServerMetrics;
-use crate::protocol::Limits;
+use crate::protocol::{DirectoryDocument, Limits};
 use crate::signals::{self, Signal};
 use crate::transport;
 use crate::wait::with_timeout;
@@ -40,6 +40,8 @@ pub(crate) struct ServerConfig {
     pub(crate) amqp_urls: Vec<String>,
     pub(crate) agents_file: Option<PathBuf>,
     pub(crate) centops_url: Option<String>,
+    /// `--centops-signature-url`: the CentOps document's signature, forwarded to agents.
+    pub(crate) centops_signature_url: Option<String>,
     pub(crate) centops_interval: Duration,
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) topology: Topology,
@@ -71,15 +73,28 @@ impl ServerConfig {
                 why: "the server needs the agent directory",
             });
         }
-        if let Some(u) = &a.centops_url {
-            u.parse::<hyper::Uri>()
-                .ok()
-                .filter(|u| u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https")))
-                .ok_or_else(|| ConfigError::Invalid {
-                    flag: "--centops-url",
-                    value: u.clone(),
-                    why: "not an http(s) URL".into(),
-                })?;
+        for (flag, url) in [
+            ("--centops-url", &a.centops_url),
+            ("--centops-signature-url", &a.centops_signature_url),
+        ] {
+            if let Some(u) = url {
+                u.parse::<hyper::Uri>()
+                    .ok()
+                    .filter(|u| {
+                        u.host().is_some() && matches!(u.scheme_str(), Some("http" | "https"))
+                    })
+                    .ok_or_else(|| ConfigError::Invalid {
+                        flag,
+                        value: u.clone(),
+                        why: "not an http(s) URL".into(),
+                    })?;
+            }
+        }
+        if a.centops_signature_url.is_some() && a.centops_url.is_none() {
+            return Err(ConfigError::Together {
+                first: "--centops-signature-url",
+                second: "--centops-url",
+            });
         }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
@@ -113,6 +128,7 @@ impl ServerConfig {
             amqp_urls,
             agents_file: a.agents_file,
             centops_url: a.centops_url,
+            centops_signature_url: a.centops_signature_url,
             centops_interval: Duration::from_secs(a.centops_interval),
             tls,
             topology: Topology {
@@ -139,6 +155,8 @@ impl ServerConfig {
 pub(crate) struct Shared {
     config: ServerConfig,
     directory: RwLock<Arc<Directory>>,
+    /// The signed documents `directory` was parsed from, forwarded to agents as they are.
+    documents: RwLock<Arc<Vec<DirectoryDocument>>>,
     directory_loaded: AtomicBool,
     sessions: Sessions,
     broker: Broker,
@@ -153,6 +171,11 @@ pub(crate) struct Shared {
 impl Shared {
     fn directory(&self) -> Arc<Directory> {
         crate::sync::read(&self.directory).clone()
+    }
+
+    /// The directory documents as agents get them in `Welcome` and `Directory`.
+    fn documents(&self) -> Arc<Vec<DirectoryDocument>> {
+        crate::sync::read(&self.documents).clone()
     }
 
     /// Ready = RabbitMQ connected, a directory loaded, and not stopping.
@@ -190,6 +213,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             broker,
             config,
             directory: RwLock::default(),
+            documents: RwLock::default(),
             directory_loaded: AtomicBool::new(false),
             sessions: Sessions::default(),
             metrics: ServerMetrics::default(),
