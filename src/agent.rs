@@ -294,3 +294,19 @@ async fn serve(
     log::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_state_dir_holds_the_agent_id() {
+        let id = AgentId::new("police").unwrap();
+        let dir = |v| default_state_dir(&id, v);
+        assert_eq!(dir(None), PathBuf::from("/var/lib/dmr-agent/police"));
+        assert_eq!(dir(Some("/var/lib/x")), PathBuf::from("/var/lib/x/police"));
+        // systemd lists several StateDirectory= paths separated by colons: the first wins.
+        assert_eq!(dir(Some("/s/a:/s/b")), PathBuf::from("/s/a/police"));
+        assert_eq!(dir(Some("")), PathBuf::from("/var/lib/dmr-agent/police"));
+    }
+}

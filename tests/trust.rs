@@ -408,3 +408,95 @@ fn a_state_dir_has_one_owner_and_a_damaged_store_is_named() {
         "{err}"
     );
 }
+
+/// A fake CentOps serving a document and its signature, each set by the test.
+fn centops(doc: Vec<u8>, sig: String) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let listener = smol::net::TcpListener::try_from(listener).unwrap();
+        smol::block_on(dmr::http::serve(
+            listener,
+            None,
+            move |req: hyper::Request<hyper::body::Incoming>, _| {
+                let body = match req.uri().path() {
+                    "/agents.sig" => sig.clone().into_bytes(),
+                    _ => doc.clone(),
+                };
+                let text = String::from_utf8(body).unwrap();
+                async move { dmr::http::text(hyper::StatusCode::OK, "application/json", text) }
+            },
+            std::future::pending(),
+        ));
+    });
+    addr
+}
+
+#[test]
+fn servers_forward_the_exact_documents_and_signatures() {
+    let world = World::new("trust-forward", &["a", "b"]);
+    let op = dmr::signing::SigningKey::generate().unwrap();
+    let file = world.agents_file();
+    let file_bytes = std::fs::read(&file).unwrap();
+    let file_sig = op.sign(&file_bytes);
+    let sig_path = PathBuf::from(format!("{}.sig", file.display()));
+    std::fs::write(&sig_path, file_sig.to_base64()).unwrap();
+    // CentOps lists b again, in its own bytes (a bare array, odd spacing).
+    let b_pem = world.agent("b").key.public_key().to_pem();
+    let centops_bytes = format!(
+        "[ {{\"id\":\"b\",  \"name\":\"B from CentOps\",\"authentication_certificate\":{}}} ]",
+        serde_json::to_string(&b_pem).unwrap()
+    )
+    .into_bytes();
+    let centops_sig = op.sign(&centops_bytes);
+    let addr = centops(centops_bytes.clone(), centops_sig.to_base64());
+    let (doc_url, sig_url) = (
+        format!("http://{addr}/agents"),
+        format!("http://{addr}/agents.sig"),
+    );
+    let server = Server::start(
+        &world,
+        "server",
+        &[
+            "--centops-url",
+            &doc_url,
+            "--centops-signature-url",
+            &sig_url,
+        ],
+    );
+    let a = world.agent("a");
+    let welcome = |server: &Server| {
+        smol::block_on(TestClient::connect(&server.ws_url(), &a.id, &a.key))
+            .unwrap()
+            .documents
+    };
+    wait_until(LIMIT, "both documents in Welcome", || {
+        welcome(&server).len() == 2
+    });
+    let docs = welcome(&server);
+    assert_eq!(docs[0].json, file_bytes, "the agents file, byte for byte");
+    assert_eq!(docs[0].signature.map(|s| s.0), Some(file_sig.to_bytes()));
+    assert_eq!(
+        docs[1].json, centops_bytes,
+        "the CentOps answer, byte for byte"
+    );
+    assert_eq!(docs[1].signature.map(|s| s.0), Some(centops_sig.to_bytes()));
+
+    // A .sig that is there but not a signature: refused, naming it; the last good stays.
+    std::fs::write(&sig_path, "not a signature").unwrap();
+    wait_until(LIMIT, "the bad .sig reported", || {
+        server.proc.log_text().contains(&format!(
+            "{}: not a directory signature",
+            sig_path.display()
+        ))
+    });
+    assert_eq!(
+        welcome(&server)[0].signature.map(|s| s.0),
+        Some(file_sig.to_bytes())
+    );
+    // Without a .sig the file is served unsigned.
+    std::fs::remove_file(&sig_path).unwrap();
+    wait_until(LIMIT, "the file served unsigned", || {
+        welcome(&server)[0].signature.is_none()
+    });
+}

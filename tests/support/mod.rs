@@ -498,6 +498,8 @@ pub struct TestClient {
     pub rx: async_tungstenite::WebSocketReceiver<dmr::transport::Stream>,
     /// The directory `Welcome` carried, parsed and merged as agents do.
     pub directory: Vec<dmr::directory::Agent>,
+    /// The documents themselves, as the server forwarded them.
+    pub documents: Vec<dmr::protocol::DirectoryDocument>,
 }
 
 /// The agents of a `Welcome` or `Directory` frame's documents (file, then CentOps).
@@ -532,6 +534,7 @@ impl TestClient {
             tx,
             rx,
             directory: vec![],
+            documents: vec![],
         }
     }
 
@@ -555,6 +558,7 @@ impl TestClient {
         match c.recv().await? {
             ServerFrame::Welcome { directory, .. } => {
                 c.directory = directory_of(&directory);
+                c.documents = directory;
                 Ok(c)
             }
             other => panic!("expected Welcome, got {other:?}"),
