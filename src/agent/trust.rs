@@ -112,8 +112,12 @@ pub(super) async fn accept(agent: &Arc<Agent>, documents: Vec<DirectoryDocument>
         match verify(&agent.trust.keys, &documents) {
             Ok(offered) => {
                 *lock(&agent.trust.refusal) = None;
-                *lock(&agent.trust.offered) = Some(offered);
-                settle(&agent);
+                let previous = lock(&agent.trust.offered).replace(offered);
+                if let Err(problem) = settle(&agent) {
+                    // Nothing checked against the state dir is used: back to what was.
+                    *lock(&agent.trust.offered) = previous;
+                    *lock(&agent.trust.refusal) = Some(problem);
+                }
             }
             Err(problem) => {
                 agent.metrics.directory_refused.inc();
@@ -155,25 +159,21 @@ fn verify(keys: &DirectoryKeys, documents: &[DirectoryDocument]) -> Result<Direc
 }
 
 /// Derives the directory in use from the one offered and the state dir; called with
-/// `settling` held.
-fn settle(agent: &Agent) {
+/// `settling` held. On a state dir failure the directory in use stays as it was.
+fn settle(agent: &Agent) -> Result<(), String> {
     let Some(offered) = lock(&agent.trust.offered).clone() else {
-        return;
+        return Ok(());
     };
     let state = &agent.state;
     let result = match agent.trust.signed() {
         true => record_signed(state, &offered).map(|()| (offered, BTreeMap::new())),
         false => pin_all(state, &offered),
     };
-    let (in_use, changes) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            return log::error!(
-                "cannot check the directory's keys against the state dir, keeping the last \
-                 good directory: {e}"
-            )
-        }
-    };
+    let (in_use, changes) = result.map_err(|e| {
+        let problem = format!("cannot check the directory's keys against the state dir: {e}");
+        log::error!("{problem}; keeping the last good directory");
+        problem
+    })?;
     let before = read(&agent.trust.changes).clone();
     for (id, change) in &changes {
         if before.get(id) != Some(change) {
@@ -191,6 +191,7 @@ fn settle(agent: &Agent) {
     *write(&agent.trust.changes) = changes;
     log::info!("directory: {} agents", in_use.len());
     *write(&agent.directory) = Arc::new(in_use);
+    Ok(())
 }
 
 /// Signed mode: the verified keys are the confirmed ones.
@@ -252,7 +253,8 @@ pub(super) async fn apply_confirmations(agent: &Arc<Agent>) {
             }
         }
         if confirmed {
-            settle(&agent);
+            // A failure is logged; the next directory or confirmation tries again.
+            let _ = settle(&agent);
         }
     })
     .await
