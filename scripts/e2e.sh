@@ -107,10 +107,12 @@ done
 
 say "agent police → server 1, agent tax-board → server 2"
 "$bin/dmr-agent" run --id police --key "$work/police.key" --listen "127.0.0.1:$A" \
+  --state-dir "$work/state-police" \
   --server "ws://127.0.0.1:$S1/v1/ws,ws://127.0.0.1:$S2/v1/ws" \
   --deliver-url "http://127.0.0.1:$WA/" 2>"$work/agent-police.log" &
 pids+=($!)
 "$bin/dmr-agent" run --id tax-board --key "$work/tax-board.key" --listen "127.0.0.1:$B" \
+  --state-dir "$work/state-tax-board" \
   --server "ws://127.0.0.1:$S2/v1/ws,ws://127.0.0.1:$S1/v1/ws" \
   --deliver-url "http://127.0.0.1:$WB/" 2>"$work/agent-tax-board.log" &
 pids+=($!)

@@ -3,9 +3,11 @@
 //! The agent holds the agency's private key. It serves the local [`api`], keeps a [`link`]
 //! to one of the servers (failing over between them), seals outgoing messages to the
 //! recipient's key and opens incoming ones in the [`inbox`], which delivers them to the
-//! local service's webhook exactly once per message id thanks to the [`replay`] guard.
-//! Sends waiting for the server's answer live in the [`outbox`]; the JSON bodies of both
-//! edges are in [`bodies`].
+//! local service's webhook exactly once per message id thanks to the [`replay`] guard,
+//! which lives in the agent's state dir ([`crate::state`]). Which key belongs to which
+//! agent is decided by [`trust`]: a directory signed by an operator key, or keys pinned on
+//! first use. Sends waiting for the server's answer live in the [`outbox`]; the JSON bodies
+//! of both edges are in [`bodies`].
 
 mod api;
 mod bodies;
@@ -14,6 +16,7 @@ mod inbox;
 mod link;
 mod outbox;
 mod replay;
+mod trust;
 mod webhook;
 
 /// The `POST /v1/messages` body parser, public so it can be fuzzed (`fuzz/`, `tests/fuzz.rs`).
@@ -22,7 +25,7 @@ pub use bodies::{SendRequest, SendRequestError};
 pub use hosts::{AllowedHosts, ApiHost};
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -34,6 +37,8 @@ use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
 use crate::protocol::{AgentId, ClientFrame, Limits};
 use crate::signals::{self, Signal};
+use crate::signing::DirectoryKeys;
+use crate::state::State;
 use crate::sync::{lock, read};
 
 /// The largest message assumed until the server's `Welcome` tells its real limit.
@@ -65,6 +70,20 @@ pub struct AgentConfig {
     pub previous_key_path: Option<PathBuf>,
     /// `--metrics-listen`: `/metrics` only there, not on `listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--state-dir`, or its default for this agent id.
+    pub state_dir: PathBuf,
+    /// `--directory-key` files; none means keys are pinned on first use.
+    pub directory_keys: Vec<PathBuf>,
+}
+
+/// Where systemd's `StateDirectory=` puts an agent's state unless `--state-dir` says
+/// otherwise: `$STATE_DIRECTORY/<id>` (the first one, when systemd lists several), else
+/// `/var/lib/dmr-agent/<id>`. The id is part of it, so agents on one host never share one.
+pub fn default_state_dir(id: &AgentId, state_directory: Option<&str>) -> PathBuf {
+    let base = state_directory
+        .and_then(|v| v.split(':').find(|p| !p.is_empty()))
+        .unwrap_or("/var/lib/dmr-agent");
+    Path::new(base).join(id.as_str())
 }
 
 impl AgentConfig {
@@ -112,7 +131,16 @@ impl AgentConfig {
                 min: "1",
             });
         }
+        let state_dir = a.state_dir.unwrap_or_else(|| {
+            default_state_dir(&id, std::env::var("STATE_DIRECTORY").ok().as_deref())
+        });
+        let directory_keys = split_list(&a.directory_key)
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
         Ok(Self {
+            state_dir,
+            directory_keys,
             id,
             key_path,
             servers,
@@ -165,7 +193,12 @@ struct Agent {
     limits: RwLock<Option<Limits>>,
     link: Mutex<Option<Link>>,
     outbox: outbox::Outbox,
-    replay: Mutex<replay::Guard>,
+    /// The state dir: pinned keys and the replay guard.
+    state: Arc<State>,
+    /// Commits delivered-message records in batches, before their `Ack`.
+    recorder: replay::Recorder,
+    /// Which directory and keys this agent accepts.
+    trust: trust::Trust,
     deliveries: Semaphore,
     metrics: AgentMetrics,
     tls: Option<futures_rustls::TlsConnector>,
@@ -235,6 +268,9 @@ impl Agent {
                 Some(old)
             }
         };
+        let keys = DirectoryKeys::read(&config.directory_keys)
+            .map_err(|e| format!("--directory-key: {e}"))?;
+        let state = Arc::new(State::open(&config.state_dir)?);
         let https_webhook = config
             .deliver_url
             .as_ref()
@@ -246,7 +282,9 @@ impl Agent {
         let webhook_retry_max = config.webhook_retry_max;
         Ok(Arc::new(Agent {
             deliveries: Semaphore::new(config.max_concurrent_deliveries),
-            replay: Mutex::new(replay::Guard::default()),
+            recorder: replay::Recorder::new(state.clone()),
+            trust: trust::Trust::new(keys),
+            state,
             config,
             key,
             previous_key,
@@ -317,11 +355,23 @@ async fn serve(
             Some(crate::metrics::serve_separately(listener, render))
         }
     };
+    log::info!(
+        "state in {}; directory keys: {}",
+        agent.config.state_dir.display(),
+        match agent.trust.signed() {
+            true => "only a directory signed by --directory-key is accepted",
+            false => "none (agent keys are pinned on first use)",
+        }
+    );
+    let recorder = smol::spawn(replay::record(agent.clone()));
+    let expiry = smol::spawn(replay::expire(agent.clone()));
+    let confirmations = smol::spawn(trust::watch_confirmations(agent.clone()));
     let link = smol::spawn(link::run(agent.clone()));
     let stop = async {
         while let Ok(sig) = signals.recv().await {
-            if sig == Signal::Terminate {
-                break;
+            match sig {
+                Signal::Terminate => break,
+                Signal::Reload => trust::apply_confirmations(&agent).await,
             }
         }
     };
@@ -334,6 +384,23 @@ async fn serve(
     inbox::drain(&agent, Duration::from_secs(10)).await;
     drop(link);
     drop(metrics_task);
+    drop((recorder, expiry, confirmations));
     log::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_state_dir_holds_the_agent_id() {
+        let id = AgentId::new("police").unwrap();
+        let dir = |v| default_state_dir(&id, v);
+        assert_eq!(dir(None), PathBuf::from("/var/lib/dmr-agent/police"));
+        assert_eq!(dir(Some("/var/lib/x")), PathBuf::from("/var/lib/x/police"));
+        // systemd lists several StateDirectory= paths separated by colons: the first wins.
+        assert_eq!(dir(Some("/s/a:/s/b")), PathBuf::from("/s/a/police"));
+        assert_eq!(dir(Some("")), PathBuf::from("/var/lib/dmr-agent/police"));
+    }
 }

@@ -64,6 +64,11 @@ pub struct ServerArgs {
     #[argh(option)]
     pub centops_url: Option<String>,
 
+    /// URL of the base64 Ed25519 signature over the CentOps document's exact bytes, fetched
+    /// with each poll and forwarded to agents with the document [env DMR_CENTOPS_SIGNATURE_URL]
+    #[argh(option)]
+    pub centops_signature_url: Option<String>,
+
     /// seconds between CentOps polls [env DMR_CENTOPS_INTERVAL] [default 60]
     #[argh(option, default = "60")]
     pub centops_interval: u64,
@@ -436,6 +441,17 @@ pub struct AgentArgs {
     /// [env DMR_METRICS_LISTEN] [default none: on --listen]
     #[argh(option)]
     pub metrics_listen: Option<SocketAddr>,
+    /// this agent's state (pinned keys, delivered message ids); one per agent, never shared
+    /// [env DMR_STATE_DIR] [default $STATE_DIRECTORY/<id> under systemd's StateDirectory=,
+    /// else /var/lib/dmr-agent/<id>]
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+
+    /// operator's Ed25519 public key (SPKI PEM) that must have signed the directory;
+    /// repeatable; without one, agent keys are pinned on first use
+    /// [env DMR_DIRECTORY_KEY, comma-separated]
+    #[argh(option)]
+    pub directory_key: Vec<String>,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -552,6 +568,7 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("amqp-ca-file", false),
             ("agents-file", false),
             ("centops-url", false),
+            ("centops-signature-url", false),
             ("centops-interval", false),
             ("tls-cert", false),
             ("tls-key", false),
@@ -618,6 +635,8 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("allow-no-token", true),
             ("previous-key", false),
             ("metrics-listen", false),
+            ("state-dir", false),
+            ("directory-key", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),

@@ -178,6 +178,8 @@ pub(crate) struct AgentMetrics {
     pub(crate) send_seconds: Histogram,
     pub(crate) delivery_seconds: Histogram,
     build: Registry,
+    pub(crate) directory_refused: Counter,
+    pub(crate) key_changes: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -199,6 +201,8 @@ impl Default for AgentMetrics {
             send_seconds: latency(),
             delivery_seconds: latency(),
             build: build_info(),
+            directory_refused: Counter::default(),
+            key_changes: Gauge::default(),
         };
         m.webhook_up.set(1);
         let r = &mut m.registry;
@@ -267,6 +271,16 @@ impl Default for AgentMetrics {
             "delivery_seconds",
             "Sender's timestamp to webhook success",
             m.delivery_seconds.clone(),
+        );
+        r.register(
+            "directory_refused",
+            "Directories from the server refused (bad or missing signature, unparsable)",
+            m.directory_refused.clone(),
+        );
+        r.register(
+            "key_changes",
+            "Agents whose key changed in the directory and is not confirmed (not used)",
+            m.key_changes.clone(),
         );
         m
     }

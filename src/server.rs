@@ -28,7 +28,7 @@ use crate::config::{split_list, ConfigError, ServerArgs, UrlWithPassword};
 use crate::directory::Directory;
 use crate::http::{self, Body};
 use crate::metrics::ServerMetrics;
-use crate::protocol::Limits;
+use crate::protocol::{DirectoryDocument, Limits};
 use crate::signals::{self, Signal};
 use crate::transport;
 use crate::wait::with_timeout;
@@ -46,6 +46,8 @@ pub(crate) struct ServerConfig {
     pub(crate) amqp_ca_file: Option<PathBuf>,
     pub(crate) agents_file: Option<PathBuf>,
     pub(crate) centops_url: Option<String>,
+    /// `--centops-signature-url`: the CentOps document's signature, forwarded to agents.
+    pub(crate) centops_signature_url: Option<String>,
     pub(crate) centops_interval: Duration,
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) topology: Topology,
@@ -144,6 +146,12 @@ impl ServerConfig {
             });
         }
         check_centops(&a)?;
+        if a.centops_signature_url.is_some() && a.centops_url.is_none() {
+            return Err(ConfigError::Together {
+                first: "--centops-signature-url",
+                second: "--centops-url",
+            });
+        }
         let tls = match (a.tls_cert, a.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -185,6 +193,7 @@ impl ServerConfig {
             amqp_ca_file: a.amqp_ca_file,
             agents_file: a.agents_file,
             centops_url: a.centops_url,
+            centops_signature_url: a.centops_signature_url,
             centops_interval: Duration::from_secs(a.centops_interval),
             tls,
             topology: Topology {
@@ -221,6 +230,8 @@ impl ServerConfig {
 pub(crate) struct Shared {
     config: ServerConfig,
     directory: RwLock<Arc<Directory>>,
+    /// The signed documents `directory` was parsed from, forwarded to agents as they are.
+    documents: RwLock<Arc<Vec<DirectoryDocument>>>,
     directory_loaded: AtomicBool,
     sessions: Sessions,
     broker: Broker,
@@ -239,6 +250,11 @@ pub(crate) struct Shared {
 impl Shared {
     fn directory(&self) -> Arc<Directory> {
         crate::sync::read(&self.directory).clone()
+    }
+
+    /// The directory documents as agents get them in `Welcome` and `Directory`.
+    fn documents(&self) -> Arc<Vec<DirectoryDocument>> {
+        crate::sync::read(&self.documents).clone()
     }
 }
 
@@ -296,6 +312,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             admission,
             centops_tls,
             directory: RwLock::default(),
+            documents: RwLock::default(),
             directory_loaded: AtomicBool::new(false),
             config,
             sessions: Sessions::default(),

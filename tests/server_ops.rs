@@ -79,6 +79,8 @@ fn agents_talk_over_wss_with_a_private_ca() {
             &wss,
             "--listen",
             &free_addr().to_string(),
+            "--state-dir",
+            &d.join("state-no-ca").display().to_string(),
         ]
         .map(String::from),
         d,

@@ -129,7 +129,13 @@ fn agents(agent: &Agent) -> Response<Body> {
     let list: Vec<Value> = agent
         .directory()
         .iter()
-        .map(|a| serde_json::json!({"id": a.id, "name": a.name}))
+        .map(|a| {
+            let mut v = serde_json::json!({"id": a.id, "name": a.name});
+            if agent.trust.key_change(&a.id).is_some() {
+                v["keyChanged"] = true.into();
+            }
+            v
+        })
         .collect();
     http::json(StatusCode::OK, &Value::Array(list))
 }
@@ -148,24 +154,31 @@ fn health(agent: &Agent) -> Response<Body> {
     )
 }
 
-/// Ready = connected and authenticated to a server. A failing local service does not make
-/// the agent unready (it can still send, and holds deliveries), but the body says so.
+/// Ready = connected and authenticated to a server, with a directory this agent trusts. A
+/// failing local service does not make the agent unready (it can still send, and holds
+/// deliveries), but the body says so.
 fn ready(agent: &Agent) -> Response<Body> {
-    let connected = agent.link().is_some();
+    let linked = agent.link().is_some();
+    let no_directory = agent.trust.missing_reason();
     let webhook = match agent.webhook.health.outage() {
         None => serde_json::json!({"up": true}),
         Some((secs, reason)) => {
             serde_json::json!({"up": false, "downForSeconds": secs, "reason": reason})
         }
     };
-    let status = match connected {
+    let ready = linked && no_directory.is_none();
+    let status = match ready {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,
     };
+    let reason = match (linked, no_directory) {
+        (false, _) => Some("not connected to a server".to_owned()),
+        (true, reason) => reason,
+    };
     let body = serde_json::json!({
-        "ready": connected,
-        "connected": connected,
-        "reason": (!connected).then_some("not connected to a server"),
+        "ready": ready,
+        "connected": linked,
+        "reason": reason,
         "webhook": webhook,
     });
     http::json(status, &body)
@@ -316,9 +329,21 @@ fn answer(agent: &Agent, id: MessageId, outcome: Option<Outcome>) -> Result<Mess
 /// Seals the request to the recipient's current key, within the server's size limit.
 fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
     let Some(recipient) = agent.directory().get(&r.recipient).cloned() else {
+        if let Some(reason) = agent.trust.missing_reason() {
+            return Err(unavailable(reason));
+        }
         let e = format!("recipientId: unknown agent {}", r.recipient);
         return Err(refuse(StatusCode::NOT_FOUND, e));
     };
+    if let Some(change) = agent.trust.key_change(&r.recipient) {
+        let e = format!(
+            "recipientId: the key of agent {} changed and is not confirmed, so nothing is \
+             sealed to it: {}",
+            r.recipient,
+            change.describe(&r.recipient, agent.state.dir())
+        );
+        return Err(refuse(StatusCode::CONFLICT, e));
+    }
     let header = Header {
         id: r.id,
         sender: agent.config.id.clone(),

@@ -12,11 +12,12 @@ use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 
 use super::outbox::Outcome;
-use super::{inbox, Agent, Link, DEFAULT_MAX_MESSAGE};
+use super::{inbox, trust, Agent, Link, DEFAULT_MAX_MESSAGE};
 use crate::config::ConfigError;
 use crate::crypto;
-use crate::directory::Directory;
-use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
+use crate::protocol::{
+    ClientFrame, DirectoryDocument, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
 use crate::sync::{lock, write};
 use crate::transport::{self, Stream};
 use crate::wait::{with_timeout, Backoff};
@@ -166,11 +167,13 @@ fn warn_plain_text(servers: &[ServerUrl]) {
 }
 
 async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End {
-    let (mut tx, mut rx) = match with_timeout(HANDSHAKE_TIMEOUT, open(agent, server)).await {
-        Some(Ok(ws)) => ws,
-        Some(Err(e)) => return End::Failed(e),
-        None => return End::Failed(LinkError::HandshakeTimeout),
-    };
+    let (mut tx, mut rx, documents) =
+        match with_timeout(HANDSHAKE_TIMEOUT, open(agent, server)).await {
+            Some(Ok(ws)) => ws,
+            Some(Err(e)) => return End::Failed(e),
+            None => return End::Failed(LinkError::HandshakeTimeout),
+        };
+    trust::accept(agent, documents).await;
     let (frames, out) = async_channel::bounded::<ClientFrame>(1024);
     *lock(&agent.link) = Some(Link {
         generation,
@@ -195,11 +198,15 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
     End::Lost(reason)
 }
 
-/// Dials, upgrades and authenticates; returns the socket halves after `Welcome`.
-async fn open(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
+/// Dials, upgrades and authenticates; returns the socket halves after `Welcome`, and the
+/// directory documents it carried (not yet checked).
+async fn open(
+    agent: &Agent,
+    server: &ServerUrl,
+) -> Result<(Sender, Receiver, Vec<DirectoryDocument>), LinkError> {
     let (mut tx, mut rx) = upgrade(agent, server).await?;
-    authenticate(agent, &mut tx, &mut rx).await?;
-    Ok((tx, rx))
+    let documents = authenticate(agent, &mut tx, &mut rx).await?;
+    Ok((tx, rx, documents))
 }
 
 async fn upgrade(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
@@ -215,8 +222,13 @@ async fn upgrade(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver)
     Ok(ws.split())
 }
 
-/// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the directory and limits `Welcome` carries.
-async fn authenticate(agent: &Agent, tx: &mut Sender, rx: &mut Receiver) -> Result<(), LinkError> {
+/// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the limits `Welcome` carries and returns
+/// its directory documents.
+async fn authenticate(
+    agent: &Agent,
+    tx: &mut Sender,
+    rx: &mut Receiver,
+) -> Result<Vec<DirectoryDocument>, LinkError> {
     let id = agent.config.id.clone();
     let hello = ClientFrame::Hello {
         version: PROTOCOL_VERSION,
@@ -236,9 +248,8 @@ async fn authenticate(agent: &Agent, tx: &mut Sender, rx: &mut Receiver) -> Resu
     let ServerFrame::Welcome { directory, limits } = recv(rx).await? else {
         return Err(LinkError::Unexpected("expected Welcome"));
     };
-    *write(&agent.directory) = Arc::new(Directory::from_entries(&directory));
     *write(&agent.limits) = Some(limits);
-    Ok(())
+    Ok(directory)
 }
 
 async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
@@ -282,6 +293,11 @@ async fn read_loop(
     loop {
         let max = agent.max_message_bytes() + FRAME_OVERHEAD;
         let handled = match next_frame(rx, max).await {
+            // Checked and applied in order, before the next frame.
+            Ok(ServerFrame::Directory { directory }) => {
+                trust::accept(agent, directory).await;
+                Ok(())
+            }
             Ok(frame) => dispatch(agent, frame, generation, frames),
             Err(e) => Err(e),
         };
@@ -309,11 +325,8 @@ fn dispatch(
             })
             .detach();
         }
-        ServerFrame::Directory { directory } => {
-            let d = Directory::from_entries(&directory);
-            log::info!("directory update: {} agents", d.len());
-            *write(&agent.directory) = Arc::new(d);
-        }
+        // `read_loop` applies directories itself (they must be awaited, in order).
+        ServerFrame::Directory { .. } => {}
         ServerFrame::Challenge { .. } | ServerFrame::Welcome { .. } => {
             return Err(LinkError::Unexpected("handshake frame after the handshake"))
         }

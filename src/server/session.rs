@@ -202,7 +202,7 @@ async fn serve(
 ) -> String {
     let (out, out_rx) = async_channel::bounded::<Message>(256);
     let welcome = ServerFrame::Welcome {
-        directory: shared.directory().to_entries(),
+        directory: shared.documents().to_vec(),
         limits: shared.config.limits(),
     };
     let _ = out.try_send(binary(&welcome));

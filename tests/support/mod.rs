@@ -515,7 +515,9 @@ pub fn server_args(world: &World, addr: SocketAddr, extra: &[&str]) -> Vec<Strin
 }
 
 /// `dmr-agent run` arguments: agent `id` with the key at `key`, on `servers` (comma-separated
-/// URLs), its API on `listen`, delivering to `deliver` when given.
+/// URLs), its API on `listen`, delivering to `deliver` when given. Its state dir is
+/// [`agent_state_dir`]: one per agent id and API port, beside the key, so agents never share
+/// one and an agent restarted on its port finds its state again.
 pub fn agent_args(
     id: &str,
     key: &Path,
@@ -523,8 +525,29 @@ pub fn agent_args(
     listen: SocketAddr,
     deliver: Option<String>,
 ) -> Vec<String> {
+    let state = agent_state_dir(key, id, listen);
+    agent_args_in(id, key, servers, listen, deliver, &state)
+}
+
+/// The state dir [`agent_args`] gives the agent `id` listening on `listen`.
+pub fn agent_state_dir(key: &Path, id: &str, listen: SocketAddr) -> PathBuf {
+    let dir = key.parent().unwrap_or(Path::new("."));
+    dir.join(format!("state-{id}-{}", listen.port()))
+}
+
+/// [`agent_args`] with the state dir `state`.
+pub fn agent_args_in(
+    id: &str,
+    key: &Path,
+    servers: &str,
+    listen: SocketAddr,
+    deliver: Option<String>,
+    state: &Path,
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
         "--id".into(),
         id.into(),
         "--key".into(),
@@ -575,7 +598,22 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
 pub struct TestClient {
     pub tx: async_tungstenite::WebSocketSender<dmr::transport::Stream>,
     pub rx: async_tungstenite::WebSocketReceiver<dmr::transport::Stream>,
-    pub directory: Vec<dmr::protocol::AgentEntry>,
+    /// The directory `Welcome` carried, parsed and merged as agents do.
+    pub directory: Vec<dmr::directory::Agent>,
+    /// The documents themselves, as the server forwarded them.
+    pub documents: Vec<dmr::protocol::DirectoryDocument>,
+}
+
+/// The agents of a `Welcome` or `Directory` frame's documents (file, then CentOps).
+pub fn directory_of(documents: &[dmr::protocol::DirectoryDocument]) -> Vec<dmr::directory::Agent> {
+    let parsed: Vec<_> = documents
+        .iter()
+        .map(|d| dmr::directory::parse(&d.json).expect("the server forwards a valid directory"))
+        .collect();
+    dmr::directory::Directory::merge(&parsed)
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// How a connection attempt ended.
@@ -598,6 +636,7 @@ impl TestClient {
             tx,
             rx,
             directory: vec![],
+            documents: vec![],
         }
     }
 
@@ -620,7 +659,8 @@ impl TestClient {
         c.send(ClientFrame::Proof { mac }).await;
         match c.recv().await? {
             ServerFrame::Welcome { directory, .. } => {
-                c.directory = directory;
+                c.directory = directory_of(&directory);
+                c.documents = directory;
                 Ok(c)
             }
             other => panic!("expected Welcome, got {other:?}"),
