@@ -33,8 +33,10 @@ use crate::protocol::{AgentId, ClientFrame, Limits};
 use crate::signals::{self, Signal};
 use crate::sync::{lock, read};
 
-/// The largest message assumed until the server's `Welcome` tells its real limit.
-const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+/// The largest envelope this agent sends or takes (1 MiB, the server's default
+/// `--max-message-bytes`). A server announcing a larger limit in `Welcome` cannot raise it:
+/// the agent never reads a frame over this plus `FRAME_OVERHEAD`.
+const AGENT_MAX_MESSAGE: usize = 1 << 20;
 
 /// Everything `run` needs, validated.
 #[derive(Clone, Debug)]
@@ -127,6 +129,8 @@ struct Agent {
     outbox: outbox::Outbox,
     replay: Mutex<replay::Guard>,
     deliveries: Semaphore,
+    /// `Deliver` frames being handled; bounds the tasks a server can make us spawn.
+    pending_deliveries: Arc<Semaphore>,
     metrics: AgentMetrics,
     tls: Option<futures_rustls::TlsConnector>,
     /// Delivery to the local service, shared by every delivery in progress.
@@ -142,10 +146,11 @@ impl Agent {
         *read(&self.limits)
     }
 
-    /// The largest message the server takes (a default until it said).
+    /// The largest message both the server (once it said) and this agent take.
     fn max_message_bytes(&self) -> usize {
-        self.limits()
-            .map_or(DEFAULT_MAX_MESSAGE, |l| l.max_message_bytes as usize)
+        self.limits().map_or(AGENT_MAX_MESSAGE, |l| {
+            (l.max_message_bytes as usize).min(AGENT_MAX_MESSAGE)
+        })
     }
 
     fn link(&self) -> Option<Link> {
@@ -187,6 +192,9 @@ impl Agent {
         let webhook_retry_max = config.webhook_retry_max;
         Ok(Arc::new(Agent {
             deliveries: Semaphore::new(config.max_concurrent_deliveries),
+            pending_deliveries: Arc::new(Semaphore::new(
+                link::MAX_PENDING_DELIVERIES.max(config.max_concurrent_deliveries),
+            )),
             replay: Mutex::new(replay::Guard::default()),
             config,
             key,

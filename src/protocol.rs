@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks. `Hello` carries it first, so a peer of any
 /// version can read it and refuse with a clear reason.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: `Challenge` carries `tls_bound`, and the handshake proof may cover the TLS
+/// channel (see `crypto::ChannelBinding`).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
 pub const FRAME_OVERHEAD: usize = 4 * 1024;
@@ -327,6 +330,8 @@ pub enum ServerFrame {
     Challenge {
         ephemeral_pk: [u8; 32],
         nonce: [u8; 32],
+        /// The server terminates TLS and accepts only a proof bound to this TLS connection.
+        tls_bound: bool,
     },
     Welcome {
         directory: Vec<AgentEntry>,

@@ -22,6 +22,8 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use smol::net::TcpStream;
 
+use crate::crypto::ChannelBinding;
+
 /// A connection, with or without TLS.
 pub enum Stream {
     Plain(TcpStream),
@@ -64,6 +66,33 @@ impl AsyncWrite for Stream {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each_stream!(self, s => Pin::new(s).poll_close(cx))
+    }
+}
+
+/// The RFC 5705 / RFC 8446 §7.5 exporter label the handshake proof binds to.
+pub const HANDSHAKE_EXPORTER_LABEL: &[u8] = b"EXPORTER-DMR-handshake-v2";
+
+impl Stream {
+    /// What a handshake proof over this connection is bound to: the TLS exporter value
+    /// (32 bytes, label [`HANDSHAKE_EXPORTER_LABEL`], empty context), the same at both ends
+    /// of one TLS connection and unrelated on any other; `Unbound` for plain TCP.
+    pub fn channel_binding(&self) -> Result<ChannelBinding, rustls::Error> {
+        let out = [0u8; 32];
+        let context = Some(&b""[..]);
+        let exported = match self {
+            Stream::Plain(_) => return Ok(ChannelBinding::Unbound),
+            Stream::TlsServer(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+            Stream::TlsClient(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+        };
+        exported.map(ChannelBinding::Tls)
     }
 }
 
