@@ -249,12 +249,15 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub(crate) fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = read_certs("--tls-cert", cert)?;
     let key = read_key(key)?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Provider)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::KeyMismatch)?;
+    // The handshake proof binds to the TLS exporter; a TLS 1.2 exporter is unique to its
+    // connection only with the extended master secret (RFC 7627). TLS 1.3 always is.
+    config.require_ems = true;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
