@@ -41,8 +41,10 @@ use crate::signing::DirectoryKeys;
 use crate::state::State;
 use crate::sync::{lock, read};
 
-/// The largest message assumed until the server's `Welcome` tells its real limit.
-const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+/// The largest envelope this agent sends or takes (1 MiB, the server's default
+/// `--max-message-bytes`). A server announcing a larger limit in `Welcome` cannot raise it:
+/// the agent never reads a frame over this plus `FRAME_OVERHEAD`.
+const AGENT_MAX_MESSAGE: usize = 1 << 20;
 
 /// Everything `run` needs, validated. `Debug` never shows the API token.
 #[derive(Clone, Debug)]
@@ -200,6 +202,8 @@ struct Agent {
     /// Which directory and keys this agent accepts.
     trust: trust::Trust,
     deliveries: Semaphore,
+    /// `Deliver` frames being handled; bounds the tasks a server can make us spawn.
+    pending_deliveries: Arc<Semaphore>,
     metrics: AgentMetrics,
     tls: Option<futures_rustls::TlsConnector>,
     /// Delivery to the local service, shared by every delivery in progress.
@@ -215,10 +219,11 @@ impl Agent {
         *read(&self.limits)
     }
 
-    /// The largest message the server takes (a default until it said).
+    /// The largest message both the server (once it said) and this agent take.
     fn max_message_bytes(&self) -> usize {
-        self.limits()
-            .map_or(DEFAULT_MAX_MESSAGE, |l| l.max_message_bytes as usize)
+        self.limits().map_or(AGENT_MAX_MESSAGE, |l| {
+            (l.max_message_bytes as usize).min(AGENT_MAX_MESSAGE)
+        })
     }
 
     fn link(&self) -> Option<Link> {
@@ -285,6 +290,9 @@ impl Agent {
             recorder: replay::Recorder::new(state.clone()),
             trust: trust::Trust::new(keys),
             state,
+            pending_deliveries: Arc::new(Semaphore::new(
+                link::MAX_PENDING_DELIVERIES.max(config.max_concurrent_deliveries),
+            )),
             config,
             key,
             previous_key,

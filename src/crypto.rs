@@ -1,6 +1,11 @@
 //! End-to-end cryptography: agent key pairs, their PEM files, HPKE sealing of envelopes
 //! and the proof of key possession used in the WebSocket handshake.
 //!
+//! The proof is bound to the TLS channel when the server terminates TLS: both ends mix a
+//! TLS exporter value ([`crate::transport::Stream::channel_binding`]) into the transcript,
+//! so a proof made on one TLS connection is worthless on any other (a relay in the middle
+//! cannot pass it on). The rule for when that happens is written down at [`ChannelBinding`].
+//!
 //! This is the only module that knows orion. Keys are X25519; envelopes use RFC 9180 HPKE
 //! in Auth mode (DHKEM(X25519, HKDF-SHA256), ChaCha20-Poly1305) with the encoded header as
 //! associated data, so neither the content nor the metadata can be changed unnoticed.
@@ -295,8 +300,15 @@ impl Challenge {
         self.nonce
     }
 
-    /// True when `mac` proves possession of the private key behind `agent_pk`.
-    pub fn verify(&self, agent_id: &AgentId, agent_pk: &PublicKey, mac: &[u8; 32]) -> bool {
+    /// True when `mac` proves possession of the private key behind `agent_pk`, made for
+    /// this challenge over the same `channel` (see [`ChannelBinding`]).
+    pub fn verify(
+        &self,
+        agent_id: &AgentId,
+        agent_pk: &PublicKey,
+        channel: ChannelBinding,
+        mac: &[u8; 32],
+    ) -> bool {
         let peer = x25519::PublicKey::from(agent_pk.0);
         let Ok(shared) = x25519::key_agreement(&self.ephemeral, &peer) else {
             return false;
@@ -304,7 +316,7 @@ impl Challenge {
         let Some(key) = proof_key(shared.unprotected_as_ref()) else {
             return false;
         };
-        let transcript = transcript(agent_id, agent_pk, &self.ephemeral_pk, &self.nonce);
+        let transcript = transcript(agent_id, agent_pk, &self.ephemeral_pk, &self.nonce, channel);
         let Ok(tag) = orion::auth::Tag::try_from(&mac[..]) else {
             return false;
         };
@@ -312,19 +324,41 @@ impl Challenge {
     }
 }
 
-/// The agent's answer to a challenge: a keyed BLAKE2b MAC over the transcript under a key
-/// derived from `x25519(agent_sk, server_ephemeral_pk)`.
+/// What, besides the challenge, a handshake proof is bound to.
+///
+/// The rule both ends follow:
+/// - the server binds (and says so in `Challenge.tls_bound`) if and only if it terminates
+///   TLS itself; it then accepts only a proof bound to its side of that TLS connection;
+/// - the agent binds if and only if the challenge says so **and** its own connection is
+///   TLS; a challenge asking for binding on a plain `ws://` connection is refused, since
+///   no honest server sends one there.
+///
+/// Behind a TLS ingress the server speaks plain WebSocket, so there is no channel both ends
+/// share and the proof is [`ChannelBinding::Unbound`] (see docs/SECURITY.md for what that
+/// still allows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// No TLS channel shared by both ends.
+    Unbound,
+    /// The TLS exporter value (RFC 5705 / RFC 8446 §7.5) of the connection the proof is for.
+    Tls([u8; 32]),
+}
+
+/// The agent's answer to a challenge: a keyed BLAKE2b MAC over the transcript (protocol
+/// version, agent id, both public keys, nonce, channel binding) under a key derived from
+/// `x25519(agent_sk, server_ephemeral_pk)`.
 pub fn prove(
     agent: &SecretKey,
     agent_id: &AgentId,
     ephemeral_pk: &[u8; 32],
     nonce: &[u8; 32],
+    channel: ChannelBinding,
 ) -> Result<[u8; 32], CryptoError> {
     let sk = x25519::PrivateKey::from(&agent.inner);
     let shared = x25519::key_agreement(&sk, &x25519::PublicKey::from(*ephemeral_pk))
         .map_err(|_| CryptoError::SealFailed)?;
     let key = proof_key(shared.unprotected_as_ref()).ok_or(CryptoError::SealFailed)?;
-    let transcript = transcript(agent_id, &agent.public, ephemeral_pk, nonce);
+    let transcript = transcript(agent_id, &agent.public, ephemeral_pk, nonce, channel);
     let tag = orion::auth::authenticate(&key, &transcript).map_err(|_| CryptoError::SealFailed)?;
     Ok(tag
         .unprotected_as_ref()
@@ -338,14 +372,28 @@ fn proof_key(shared: &[u8]) -> Option<orion::auth::SecretKey> {
     orion::auth::SecretKey::try_from(&okm[..]).ok()
 }
 
-fn transcript(id: &AgentId, agent_pk: &PublicKey, eph_pk: &[u8; 32], nonce: &[u8; 32]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(2 + 1 + id.as_str().len() + 96);
+fn transcript(
+    id: &AgentId,
+    agent_pk: &PublicKey,
+    eph_pk: &[u8; 32],
+    nonce: &[u8; 32],
+    channel: ChannelBinding,
+) -> Vec<u8> {
+    let mut t = Vec::with_capacity(2 + 1 + id.as_str().len() + 96 + 33);
     t.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     t.push(id.as_str().len() as u8);
     t.extend_from_slice(id.as_str().as_bytes());
     t.extend_from_slice(&agent_pk.0);
     t.extend_from_slice(eph_pk);
     t.extend_from_slice(nonce);
+    // The flag is in the transcript too, so a bound and an unbound proof never coincide.
+    match channel {
+        ChannelBinding::Unbound => t.push(0),
+        ChannelBinding::Tls(exporter) => {
+            t.push(1);
+            t.extend_from_slice(&exporter);
+        }
+    }
     t
 }
 

@@ -14,7 +14,9 @@ use uuid::Uuid;
 /// version can read it and refuse with a clear reason.
 ///
 /// Version 2: `Welcome` and `Directory` carry the directory as the signed documents
-/// ([`DirectoryDocument`]) instead of parsed entries, so agents can verify them.
+/// ([`DirectoryDocument`]) instead of parsed entries, so agents can verify them; `Challenge`
+/// carries `tls_bound`, and the handshake proof may cover the TLS channel (see
+/// `crypto::ChannelBinding`).
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
@@ -376,6 +378,8 @@ pub enum ServerFrame {
     Challenge {
         ephemeral_pk: [u8; 32],
         nonce: [u8; 32],
+        /// The server terminates TLS and accepts only a proof bound to this TLS connection.
+        tls_bound: bool,
     },
     /// `directory`: one document per source (agents file, CentOps), as published.
     Welcome {

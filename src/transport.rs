@@ -25,6 +25,8 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use smol::net::TcpStream;
 
+use crate::crypto::ChannelBinding;
+
 /// A connection, with or without TLS.
 pub enum Stream {
     Plain(TcpStream),
@@ -186,6 +188,33 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 /// A server's WebSocket: over an accepted, [`Metered`] connection.
 pub(crate) type WebSocket = WebSocketStream<Metered<Stream>>;
 
+/// The RFC 5705 / RFC 8446 §7.5 exporter label the handshake proof binds to.
+pub const HANDSHAKE_EXPORTER_LABEL: &[u8] = b"EXPORTER-DMR-handshake-v2";
+
+impl Stream {
+    /// What a handshake proof over this connection is bound to: the TLS exporter value
+    /// (32 bytes, label [`HANDSHAKE_EXPORTER_LABEL`], empty context), the same at both ends
+    /// of one TLS connection and unrelated on any other; `Unbound` for plain TCP.
+    pub fn channel_binding(&self) -> Result<ChannelBinding, rustls::Error> {
+        let out = [0u8; 32];
+        let context = Some(&b""[..]);
+        let exported = match self {
+            Stream::Plain(_) => return Ok(ChannelBinding::Unbound),
+            Stream::TlsServer(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+            Stream::TlsClient(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+        };
+        exported.map(ChannelBinding::Tls)
+    }
+}
+
 /// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
 /// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
 /// the buffers grow on demand for a large envelope.
@@ -337,12 +366,15 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = read_certs("--tls-cert", cert)?;
     let key = read_key(key)?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Provider)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::KeyMismatch)?;
+    // The handshake proof binds to the TLS exporter; a TLS 1.2 exporter is unique to its
+    // connection only with the extended master secret (RFC 7627). TLS 1.3 always is.
+    config.require_ems = true;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -627,11 +627,19 @@ mod peers {
             let Ok(ServerFrame::Challenge {
                 ephemeral_pk,
                 nonce,
+                ..
             }) = first.recv().await
             else {
                 panic!("expected Challenge")
             };
-            let recorded = crypto::prove(&carol.key, &carol.id, &ephemeral_pk, &nonce).unwrap();
+            let recorded = crypto::prove(
+                &carol.key,
+                &carol.id,
+                &ephemeral_pk,
+                &nonce,
+                crypto::ChannelBinding::Unbound,
+            )
+            .unwrap();
             first.send(ClientFrame::Proof { mac: recorded }).await;
             assert!(
                 matches!(first.recv().await, Ok(ServerFrame::Welcome { .. })),

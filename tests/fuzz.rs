@@ -313,6 +313,7 @@ fn server_frame_seeds(k: &Keys) -> Vec<Vec<u8>> {
         ServerFrame::Challenge {
             ephemeral_pk: [1; 32],
             nonce: [2; 32],
+            tls_bound: true,
         },
         ServerFrame::Welcome {
             directory: entries(k),

@@ -212,11 +212,19 @@ fn impostors_are_refused_at_the_handshake() {
         let ServerFrame::Challenge {
             ephemeral_pk,
             nonce,
+            ..
         } = c.recv().await.unwrap()
         else {
             panic!("expected Challenge")
         };
-        let mac = crypto::prove(&wrong_key, &bob.id, &ephemeral_pk, &nonce).unwrap();
+        let mac = crypto::prove(
+            &wrong_key,
+            &bob.id,
+            &ephemeral_pk,
+            &nonce,
+            crypto::ChannelBinding::Unbound,
+        )
+        .unwrap();
         c.send(ClientFrame::Proof { mac }).await;
         let mut frames = Vec::new();
         while let Some(Ok(f)) = c.recv_within(2 * SECOND).await {

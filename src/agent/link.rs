@@ -3,6 +3,11 @@
 //!
 //! Sends still waiting for an answer when a connection ends are re-sent, unchanged, on the
 //! next one: the recipient drops the copy if the first had reached RabbitMQ after all.
+//!
+//! The server is not trusted with the agent's resources: frames are read up to the agent's
+//! own limit whatever `Welcome` announces, and `Deliver` frames are handled by at most
+//! [`MAX_PENDING_DELIVERIES`] tasks at once; past that the read loop waits, so a flood
+//! slows the connection down instead of growing the agent.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,9 +17,9 @@ use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 
 use super::outbox::Outcome;
-use super::{inbox, trust, Agent, Link, DEFAULT_MAX_MESSAGE};
+use super::{inbox, trust, Agent, Link, AGENT_MAX_MESSAGE};
 use crate::config::ConfigError;
-use crate::crypto;
+use crate::crypto::{self, ChannelBinding};
 use crate::protocol::{
     ClientFrame, DirectoryDocument, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
@@ -25,6 +30,11 @@ use crate::wait::{with_timeout, Backoff};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `Deliver` frames being handled (waiting for a delivery slot, opening, posting to the
+/// webhook) at once, over all connections. An honest server has at most its `--prefetch`
+/// (default 64) unacknowledged deliveries out, so this only ever stops a flood.
+pub(super) const MAX_PENDING_DELIVERIES: usize = 256;
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
@@ -204,28 +214,41 @@ async fn open(
     agent: &Agent,
     server: &ServerUrl,
 ) -> Result<(Sender, Receiver, Vec<DirectoryDocument>), LinkError> {
-    let (mut tx, mut rx) = upgrade(agent, server).await?;
-    let documents = authenticate(agent, &mut tx, &mut rx).await?;
+    let (mut tx, mut rx, channel) = upgrade(agent, server).await?;
+    let documents = authenticate(agent, channel, &mut tx, &mut rx).await?;
     Ok((tx, rx, documents))
 }
 
-async fn upgrade(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
+/// The WebSocket's halves and the TLS channel a handshake proof on it would be bound to.
+async fn upgrade(
+    agent: &Agent,
+    server: &ServerUrl,
+) -> Result<(Sender, Receiver, ChannelBinding), LinkError> {
     let tls = if server.tls { agent.tls.as_ref() } else { None };
     let stream = transport::dial(&server.host, server.port, tls)
         .await
         .map_err(|e| LinkError::Connect(e.to_string()))?;
-    let cfg = transport::ws_config(agent.max_message_bytes());
+    let channel = stream
+        .channel_binding()
+        .map_err(|e| LinkError::Connect(format!("no TLS exporter: {e}")))?;
+    // Our own limit, not the server's: a server cannot make us buffer more than we chose.
+    let cfg = transport::ws_config(AGENT_MAX_MESSAGE);
     let (ws, _) =
         async_tungstenite::client_async_with_config(server.url.as_str(), stream, Some(cfg))
             .await
             .map_err(|e| LinkError::Upgrade(e.to_string()))?;
-    Ok(ws.split())
+    let (tx, rx) = ws.split();
+    Ok((tx, rx, channel))
 }
 
 /// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the limits `Welcome` carries and returns
 /// its directory documents.
+///
+/// The proof is bound to our TLS connection when the challenge asks for it (the server
+/// terminates TLS); see `crypto::ChannelBinding` for the rule.
 async fn authenticate(
     agent: &Agent,
+    channel: ChannelBinding,
     tx: &mut Sender,
     rx: &mut Receiver,
 ) -> Result<Vec<DirectoryDocument>, LinkError> {
@@ -238,11 +261,23 @@ async fn authenticate(
     let ServerFrame::Challenge {
         ephemeral_pk,
         nonce,
+        tls_bound,
     } = recv(rx).await?
     else {
         return Err(LinkError::Unexpected("expected Challenge"));
     };
-    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce)
+    let binding = match (tls_bound, channel) {
+        (true, ChannelBinding::Tls(_)) => channel,
+        // No honest server asks for a TLS binding on a connection that has no TLS.
+        (true, ChannelBinding::Unbound) => {
+            return Err(LinkError::Unexpected(
+                "the challenge asks for a TLS-bound proof on a plain ws:// connection",
+            ))
+        }
+        // The server speaks plain WebSocket (behind a TLS ingress, or ws://).
+        (false, _) => ChannelBinding::Unbound,
+    };
+    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce, binding)
         .map_err(|e| LinkError::Proof(e.to_string()))?;
     send(tx, ClientFrame::Proof { mac }).await?;
     let ServerFrame::Welcome { directory, limits } = recv(rx).await? else {
@@ -260,7 +295,7 @@ async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
 
 /// Reads one handshake frame; a close frame's reason is the server's refusal.
 async fn recv(rx: &mut Receiver) -> Result<ServerFrame, LinkError> {
-    match next_frame(rx, DEFAULT_MAX_MESSAGE + FRAME_OVERHEAD).await {
+    match next_frame(rx, AGENT_MAX_MESSAGE + FRAME_OVERHEAD).await {
         Err(LinkError::Closed(Some(reason))) => Err(LinkError::Refused { reason }),
         other => other,
     }
@@ -298,7 +333,7 @@ async fn read_loop(
                 trust::accept(agent, directory).await;
                 Ok(())
             }
-            Ok(frame) => dispatch(agent, frame, generation, frames),
+            Ok(frame) => dispatch(agent, frame, generation, frames).await,
             Err(e) => Err(e),
         };
         if let Err(e) = handled {
@@ -307,7 +342,7 @@ async fn read_loop(
     }
 }
 
-fn dispatch(
+async fn dispatch(
     agent: &Arc<Agent>,
     frame: ServerFrame,
     generation: u64,
@@ -319,9 +354,13 @@ fn dispatch(
             agent.outbox.settle(id, Outcome::Rejected(code, reason))
         }
         ServerFrame::Deliver { delivery, envelope } => {
+            // Taken before spawning: with every slot busy the read loop stops reading, and
+            // TCP pushes back on the server.
+            let slot = agent.pending_deliveries.acquire_arc().await;
             let (agent, frames) = (agent.clone(), frames.clone());
             smol::spawn(async move {
-                inbox::handle(agent, generation, frames, delivery, envelope).await
+                inbox::handle(agent, generation, frames, delivery, envelope).await;
+                drop(slot);
             })
             .detach();
         }

@@ -346,10 +346,22 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[String], log_dir: &Path) -> Self {
+        Self::spawn_env(name, bin, args, log_dir, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        bin: &str,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,dmr=debug")
             .env("SMOL_THREADS", "2")
             .stdout(Stdio::null())
@@ -651,11 +663,19 @@ impl TestClient {
         let ServerFrame::Challenge {
             ephemeral_pk,
             nonce,
+            ..
         } = c.recv().await?
         else {
             panic!("expected Challenge")
         };
-        let mac = crypto::prove(key, id, &ephemeral_pk, &nonce).unwrap();
+        let mac = crypto::prove(
+            key,
+            id,
+            &ephemeral_pk,
+            &nonce,
+            crypto::ChannelBinding::Unbound,
+        )
+        .unwrap();
         c.send(ClientFrame::Proof { mac }).await;
         match c.recv().await? {
             ServerFrame::Welcome { directory, .. } => {
