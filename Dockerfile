@@ -4,8 +4,10 @@
 #   server: docker run -p 8075:8075 -e DMR_AMQP_URL=amqp://dmr:secret@rabbit:5672/dmr \
 #             -v /etc/dmr/agents.json:/etc/dmr/agents.json:ro -e DMR_AGENTS_FILE=/etc/dmr/agents.json dmr
 #   agent:  docker run --entrypoint /dmr-agent -v /etc/dmr/agents/police.key:/run/secrets/agent.key:ro \
-#             -e DMR_LISTEN=0.0.0.0:8077 -e DMR_API_TOKEN=... dmr run --id police \
+#             -e DMR_LISTEN=0.0.0.0:8077 -e DMR_API_TOKEN=... -e DMR_API_HOST=police-agent dmr run --id police \
 #             --key /run/secrets/agent.key --server wss://dmr.example/v1/ws --deliver-url ...
+#           (DMR_API_HOST: the name the local service uses to reach the agent; other Host names get 421;
+#            the key file must be mode 0600 or 0400)
 # docs/OPERATIONS.md ("Containers") has the rest.
 #
 # The builder image, fully qualified so no registry search order applies. Pin it by digest for
@@ -28,6 +30,9 @@ COPY . .
 # Cache mounts keep the registry and the target dir between builds; the binaries are copied
 # out of it because a cache mount is not part of the image layer.
 ENV CARGO_TARGET_DIR=/src/target
+# The commit `--version` and dmr_build_info report (.git is usually not in the context):
+# docker build --build-arg DMR_GIT_SHA="$(git rev-parse --short=12 HEAD)" …
+ARG DMR_GIT_SHA=
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --target x86_64-unknown-linux-musl --bins \

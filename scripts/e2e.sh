@@ -49,6 +49,9 @@ cleanup() {
   for x in "${prefix}dmr.messages" "${prefix}dmr.dlx"; do
     curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:15672/api/exchanges/%2f/$x" >/dev/null 2>&1 || true
   done
+  for x in "${prefix}dmr-agents" "${prefix}dmr-dlq"; do
+    curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:15672/api/policies/%2f/$x" >/dev/null 2>&1 || true
+  done
   if [ "$rc" -ne 0 ]; then
     for f in "$work"/*.log; do printf '\n----- %s -----\n' "$f"; tail -n 30 "$f"; done
   fi
@@ -89,19 +92,27 @@ PY
 service "$WA" "$work/police.received"
 service "$WB" "$work/tax-board.received"
 
+say "queue policies (TTL, delivery limit, dead-lettering) for prefix $prefix"
+"$bin/dmr-server" rabbitmq setup --management-url http://guest:guest@127.0.0.1:15672 \
+  --queue-prefix "$prefix" >"$work/rabbitmq-setup.log" 2>&1 \
+  || fail "dmr-server rabbitmq setup: $(cat "$work/rabbitmq-setup.log")"
+
 say "two servers on :$S1 and :$S2 (queue prefix $prefix)"
 for p in "$S1" "$S2"; do
   "$bin/dmr-server" run --listen "127.0.0.1:$p" --agents-file "$work/agents.json" \
-    --queue-prefix "$prefix" 2>"$work/server-$p.log" &
+    --queue-prefix "$prefix" --management-url http://guest:guest@127.0.0.1:15672 \
+    2>"$work/server-$p.log" &
   pids+=($!)
 done
 
 say "agent police → server 1, agent tax-board → server 2"
 "$bin/dmr-agent" run --id police --key "$work/police.key" --listen "127.0.0.1:$A" \
+  --state-dir "$work/state-police" \
   --server "ws://127.0.0.1:$S1/v1/ws,ws://127.0.0.1:$S2/v1/ws" \
   --deliver-url "http://127.0.0.1:$WA/" 2>"$work/agent-police.log" &
 pids+=($!)
 "$bin/dmr-agent" run --id tax-board --key "$work/tax-board.key" --listen "127.0.0.1:$B" \
+  --state-dir "$work/state-tax-board" \
   --server "ws://127.0.0.1:$S2/v1/ws,ws://127.0.0.1:$S1/v1/ws" \
   --deliver-url "http://127.0.0.1:$WB/" 2>"$work/agent-tax-board.log" &
 pids+=($!)

@@ -12,32 +12,42 @@
 //! `Compat`, so that dropping it (amqprs spawns a tokio task to close it) works anywhere.
 //! Nothing amqprs-typed leaves this module.
 //!
+//! `amqps://` nodes are reached over TLS (rustls with ring), trusting the CA file of
+//! [`BrokerOptions::ca_file`] (`--amqp-ca-file`) or else the web PKI roots; the certificate
+//! must name the URL's host.
+//!
 //! The parts: [`Topology`] (names and arguments), [`BrokerError`], `compat` (amqprs on smol),
-//! `supervisor` (the reconnect loop), `connect` (setting up one connection), `declare`
-//! (topology operations), `channel` (why RabbitMQ closed a channel), `publisher` (confirms)
-//! and [`Consumer`].
+//! `supervisor` (the reconnect loop), `connect` (setting up one connection), `url` (node
+//! URLs), `tls` (amqps), `declare` (topology operations), `channel` (why RabbitMQ closed a
+//! channel), `publisher` (confirms), [`Consumer`], `health` (are publishes confirmed, for
+//! readiness) and `dlq` (reading, replaying and purging the dead-letter queue).
 
 mod channel;
 mod compat;
 mod connect;
 mod consumer;
 mod declare;
+mod dlq;
 mod error;
+mod health;
 mod notice;
 mod publisher;
 mod supervisor;
+mod tls;
 mod topology;
 mod url;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_compat::Compat;
 use futures_lite::future;
 
 pub use consumer::{Consumer, Delivery};
+pub use dlq::{DeadLetter, DlqSnapshot};
 pub use error::BrokerError;
 pub use notice::HEADER_NOTICE;
 pub use topology::Topology;
@@ -47,9 +57,9 @@ use crate::sync::lock;
 use crate::wait::with_timeout;
 use compat::detached;
 use connect::Live;
-use declare::Declarer;
-#[cfg(feature = "test-support")]
-use declare::Op;
+use declare::{Declarer, Op};
+use health::PublishHealth;
+use tls::Tls;
 use url::NodeUrl;
 
 /// AMQP header naming the sending agent of a published envelope.
@@ -77,6 +87,8 @@ pub struct Broker {
 /// What the [`Broker`] handles and its supervisor task share.
 struct Shared {
     nodes: Vec<NodeUrl>,
+    /// How `amqps://` nodes are reached; `None` when every node is `amqp://`.
+    tls: Option<Tls>,
     topology: Topology,
     exchange: String,
     dlx: String,
@@ -89,6 +101,8 @@ struct Shared {
     stopped: async_channel::Receiver<()>,
     /// Closed by the supervisor when it has finished.
     done: async_channel::Receiver<()>,
+    /// Whether publishes get their confirms, for readiness.
+    health: PublishHealth,
 }
 
 struct State {
@@ -116,6 +130,43 @@ fn default_connection_name() -> String {
     format!("dmr-server@{host} pid {}", std::process::id())
 }
 
+/// Settings of a [`Broker`] beyond its URLs and topology.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerOptions {
+    /// The connection name RabbitMQ shows (management UI, `rabbitmqctl list_connections
+    /// user_provided_name`); default `dmr-server@HOST pid N`.
+    pub connection_name: Option<String>,
+    /// PEM file of the CA certificates (one or more) trusted for `amqps://` nodes instead of
+    /// the web PKI roots (`--amqp-ca-file`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The TLS settings the nodes need: loaded (and checked) whenever a CA file is given.
+fn tls_for(
+    nodes: &[NodeUrl],
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<Tls>, BrokerError> {
+    let plain: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.tls)
+        .map(|n| n.display.as_str())
+        .collect();
+    if plain.len() == nodes.len() {
+        if ca_file.is_some() {
+            log::warn!("{} is ignored: no --amqp-url is amqps://", tls::CA_FLAG);
+        }
+        return ca_file.map(|f| Tls::new(Some(f))).transpose();
+    }
+    if !plain.is_empty() {
+        log::warn!(
+            "--amqp-url mixes amqps:// and amqp:// nodes: messages and the RabbitMQ password \
+             cross the network unencrypted to {}",
+            plain.join(", ")
+        );
+    }
+    Tls::new(ca_file).map(Some)
+}
+
 /// Parses the comma-separated node URLs of every `--amqp-url`.
 fn parse_nodes(urls: &[String]) -> Result<Vec<NodeUrl>, BrokerError> {
     let nodes = urls
@@ -136,15 +187,22 @@ fn parse_nodes(urls: &[String]) -> Result<Vec<NodeUrl>, BrokerError> {
     Ok(nodes)
 }
 
+/// The vhost of the first node of `--amqp-url` (as given, e.g. `/` for `%2f`).
+pub fn vhost_of(urls: &[String]) -> Result<String, BrokerError> {
+    let nodes = parse_nodes(urls)?;
+    Ok(nodes.first().map(|n| n.vhost.clone()).unwrap_or_default())
+}
+
 impl Broker {
     /// Starts the background task that connects, declares the topology and keeps the
     /// connection alive; returns at once (see [`Broker::connected`]).
     ///
-    /// Each entry of `urls` is an `amqp://user:password@host:port/vhost` URL or several of
-    /// them separated by commas (the nodes of a cluster, tried in turn). Fails only on a URL
-    /// or topology setting that can never work.
+    /// Each entry of `urls` is an `amqp://user:password@host:port/vhost` URL (`amqps://`
+    /// for TLS, port 5671 by default) or several of them separated by commas (the nodes of
+    /// a cluster, tried in turn). Fails only on a URL or topology setting that can never
+    /// work.
     pub fn start(urls: Vec<String>, topology: Topology) -> Result<Broker, BrokerError> {
-        Self::start_named(urls, topology, &default_connection_name())
+        Self::start_with(urls, topology, BrokerOptions::default())
     }
 
     /// [`Broker::start`] with the connection name RabbitMQ shows (management UI,
@@ -154,16 +212,35 @@ impl Broker {
         topology: Topology,
         connection_name: &str,
     ) -> Result<Broker, BrokerError> {
+        let options = BrokerOptions {
+            connection_name: Some(connection_name.to_owned()),
+            ..BrokerOptions::default()
+        };
+        Self::start_with(urls, topology, options)
+    }
+
+    /// [`Broker::start`] with [`BrokerOptions`]; a CA file that cannot be read or holds no
+    /// usable certificate is refused here.
+    pub fn start_with(
+        urls: Vec<String>,
+        topology: Topology,
+        options: BrokerOptions,
+    ) -> Result<Broker, BrokerError> {
         topology.validate()?;
         let nodes = parse_nodes(&urls)?;
+        let tls = tls_for(&nodes, options.ca_file.as_deref())?;
+        let connection_name = options
+            .connection_name
+            .unwrap_or_else(default_connection_name);
         let (stop, stopped) = async_channel::bounded(1);
         let (done_tx, done) = async_channel::bounded(1);
         let shared = Arc::new(Shared {
             nodes,
+            tls,
             exchange: topology.exchange(),
             dlx: topology.dlx(),
             topology,
-            connection_name: connection_name.to_owned(),
+            connection_name,
             state: Mutex::new(State {
                 live: None,
                 gate: Some(async_channel::bounded(1)),
@@ -174,6 +251,7 @@ impl Broker {
             stop,
             stopped,
             done,
+            health: PublishHealth::default(),
         });
         smol::spawn(Compat::new(supervisor::supervise(shared.clone(), done_tx))).detach();
         Ok(Broker { shared })
@@ -267,11 +345,30 @@ impl Broker {
         if let Some(reason) = lock(&live.signals.blocked).clone() {
             return Err(BrokerError::Blocked(reason));
         }
-        Compat::new(
-            live.publisher
-                .publish(&self.shared.exchange, header, body, CONFIRM_TIMEOUT),
-        )
-        .await
+        let result = Compat::new(live.publisher.publish(
+            &self.shared.exchange,
+            header,
+            body,
+            CONFIRM_TIMEOUT,
+        ))
+        .await;
+        match &result {
+            Ok(()) | Err(BrokerError::Refused(_)) => self.shared.health.answered(Instant::now()),
+            Err(BrokerError::Timeout) => self.shared.health.timed_out(Instant::now()),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Why publishing does not work right now although connected, if it does not: RabbitMQ
+    /// blocks publishers (`connection.blocked`: a memory or disk alarm), or publishes time
+    /// out (see `health`). `None` when not connected: [`Broker::is_connected`] says that.
+    pub fn publish_problem(&self) -> Option<String> {
+        let live = self.shared.live()?;
+        if let Some(reason) = lock(&live.signals.blocked).clone() {
+            return Some(format!("RabbitMQ blocks publishing: {reason}"));
+        }
+        self.shared.health.problem(Instant::now())
     }
 
     /// Moves `delivery` to the dead-letter exchange with `reason` in its `x-dmr-reason`
@@ -288,6 +385,9 @@ impl Broker {
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         if let Ok(key) = HEADER_REASON.try_into() {
             headers.insert(key, amqprs::FieldValue::from(reason.as_str()));
+        }
+        if let Ok(key) = dlq::HEADER_DEAD_LETTERED_AT.try_into() {
+            headers.insert(key, amqprs::FieldValue::T(dlq::now_secs()));
         }
         properties.with_headers(headers);
         let message_id = delivery.message_id.clone().unwrap_or_default();
@@ -335,12 +435,6 @@ impl Broker {
         self.depth(self.shared.topology.queue(agent)).await
     }
 
-    /// Messages ready in the dead-letter queue.
-    #[cfg(feature = "test-support")]
-    pub async fn dlq_depth(&self) -> Result<u32, BrokerError> {
-        self.depth(self.shared.topology.dlq()).await
-    }
-
     #[cfg(feature = "test-support")]
     async fn depth(&self, queue: String) -> Result<u32, BrokerError> {
         self.run_ops(vec![Op::Passive { queue }]).await
@@ -380,7 +474,6 @@ impl Broker {
 
     /// Runs `ops` in turn on the live connection, stopping at the first error; the result of
     /// the last one.
-    #[cfg(feature = "test-support")]
     async fn run_ops(&self, ops: Vec<Op>) -> Result<u32, BrokerError> {
         let live = self.shared.live().ok_or(BrokerError::NotConnected)?;
         detached(OP_TIMEOUT, async move {
@@ -434,5 +527,23 @@ mod tests {
         assert!(matches!(e, BrokerError::Config(_)));
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(Broker::start(vec![" , ".into()], Topology::default()).is_err());
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let options = BrokerOptions {
+            ca_file: Some(not_pem),
+            ..BrokerOptions::default()
+        };
+        let urls = vec!["amqps://u:hunter2@h".into()];
+        let e = Broker::start_with(urls, Topology::default(), options)
+            .err()
+            .unwrap();
+        assert!(matches!(e, BrokerError::Config(_)), "{e:?}");
+        assert!(e.to_string().contains("--amqp-ca-file"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }

@@ -5,8 +5,10 @@
 //! environment. Values are checked here, at the edge, so the rest of the code gets types
 //! that are already valid.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use argh::FromArgs;
 
@@ -27,6 +29,9 @@ pub struct ServerCli {
 pub enum ServerCommand {
     Run(ServerArgs),
     Directory(DirectoryArgs),
+    Rabbitmq(RabbitmqArgs),
+    Dlq(DlqArgs),
+    Health(HealthArgs),
 }
 
 /// Relay agents' encrypted messages through RabbitMQ. Every flag can also be set with the
@@ -42,7 +47,12 @@ pub struct ServerArgs {
     /// the RabbitMQ URL; several comma-separated URLs (cluster nodes) are tried in turn
     /// [env DMR_AMQP_URL] [default amqp://guest:guest@127.0.0.1:5672/%2f]
     #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
-    pub amqp_url: String,
+    pub amqp_url: UrlWithPassword,
+
+    /// PEM CA certificates to trust for amqps:// RabbitMQ nodes instead of the built-in web
+    /// roots [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
 
     /// agent directory file (CentOps JSON), re-read when it changes and on SIGHUP
     /// [env DMR_AGENTS_FILE]
@@ -53,6 +63,11 @@ pub struct ServerArgs {
     /// [env DMR_CENTOPS_URL]
     #[argh(option)]
     pub centops_url: Option<String>,
+
+    /// URL of the base64 Ed25519 signature over the CentOps document's exact bytes, fetched
+    /// with each poll and forwarded to agents with the document [env DMR_CENTOPS_SIGNATURE_URL]
+    #[argh(option)]
+    pub centops_signature_url: Option<String>,
 
     /// seconds between CentOps polls [env DMR_CENTOPS_INTERVAL] [default 60]
     #[argh(option, default = "60")]
@@ -77,7 +92,8 @@ pub struct ServerArgs {
     #[argh(option, default = "86400")]
     pub message_ttl: u64,
 
-    /// deliveries of one message before it goes to the dead-letter queue
+    /// deliveries of one message before it goes to the dead-letter queue; the queues get
+    /// it from the policy of `dmr-server rabbitmq setup`, this value is only compared with it
     /// [env DMR_DELIVERY_LIMIT] [default 10]
     #[argh(option, default = "10")]
     pub delivery_limit: u32,
@@ -111,6 +127,224 @@ pub struct ServerArgs {
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
+
+    /// open connections (agent sessions, handshakes and HTTP requests together) beyond
+    /// which new ones are refused [env DMR_MAX_CONNECTIONS] [default 10000]
+    #[argh(option, default = "10_000")]
+    pub max_connections: u32,
+
+    /// agent WebSocket handshakes in progress (upgraded, not yet logged in) beyond which new
+    /// upgrades get 503 [env DMR_MAX_HANDSHAKES] [default 256]
+    #[argh(option, default = "256")]
+    pub max_handshakes: u32,
+
+    /// largest CentOps answer read, in bytes; a longer one is refused
+    /// [env DMR_CENTOPS_MAX_BYTES] [default 16777216]
+    #[argh(option, default = "16 * 1024 * 1024")]
+    pub centops_max_bytes: u32,
+
+    /// PEM CA certificates to trust for an https:// --centops-url instead of the built-in
+    /// web roots [env DMR_CENTOPS_CA_FILE]
+    #[argh(option)]
+    pub centops_ca_file: Option<PathBuf>,
+
+    /// accept an http:// --centops-url on a host other than loopback (the directory is the
+    /// root of trust: anyone on the path could add agents) [env DMR_ALLOW_INSECURE_CENTOPS]
+    #[argh(switch)]
+    pub allow_insecure_centops: bool,
+
+    /// accept a directory with no agents (it disconnects every agent); without this it is
+    /// refused like a malformed one [env DMR_ALLOW_EMPTY_DIRECTORY]
+    #[argh(switch)]
+    pub allow_empty_directory: bool,
+    /// serve /metrics on this address only (instead of on --listen), to keep it off a
+    /// public agent-facing port [env DMR_METRICS_LISTEN] [default none: on --listen]
+    #[argh(option)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// the RabbitMQ management API URL (http://user:password@host:15672); at start the server
+    /// checks that the queue policies of `dmr-server rabbitmq setup` exist
+    /// [env DMR_MANAGEMENT_URL] [default none: not checked]
+    #[argh(option)]
+    pub management_url: Option<String>,
+}
+
+/// Administer RabbitMQ for DMR.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "rabbitmq")]
+pub struct RabbitmqArgs {
+    #[argh(subcommand)]
+    pub command: RabbitmqCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum RabbitmqCommand {
+    Setup(RabbitmqSetupArgs),
+}
+
+/// Apply DMR's queue policies (TTL, delivery limit, dead-lettering, overflow, DLQ
+/// retention) through the management API; idempotent, re-run it to change them on live
+/// queues. Needs a management user tagged policymaker or administrator.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "setup")]
+pub struct RabbitmqSetupArgs {
+    /// the RabbitMQ management API URL, credentials in it (default guest:guest)
+    /// [env DMR_MANAGEMENT_URL] [default http://127.0.0.1:15672]
+    #[argh(option, default = "\"http://127.0.0.1:15672\".into()")]
+    pub management_url: String,
+
+    /// the servers' --amqp-url, whose vhost the policies go to (unless --vhost is given)
+    /// [env DMR_AMQP_URL] [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the vhost to apply the policies to [env DMR_VHOST] [default: --amqp-url's]
+    #[argh(option)]
+    pub vhost: Option<String>,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// seconds a message may wait in an agent's queue before it is dead-lettered
+    /// [env DMR_MESSAGE_TTL] [default 86400]
+    #[argh(option, default = "86400")]
+    pub message_ttl: u64,
+
+    /// deliveries of one message before it goes to the dead-letter queue
+    /// [env DMR_DELIVERY_LIMIT] [default 10]
+    #[argh(option, default = "10")]
+    pub delivery_limit: u32,
+
+    /// seconds a message is kept in the dead-letter queue before RabbitMQ drops it
+    /// [env DMR_DLQ_RETENTION] [default 1209600 (14 days)]
+    #[argh(option, default = "1_209_600")]
+    pub dlq_retention: u64,
+}
+
+/// Read, replay and purge the dead-letter queue.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "dlq")]
+pub struct DlqArgs {
+    #[argh(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand)]
+pub enum DlqCommand {
+    List(DlqListArgs),
+    Show(DlqShowArgs),
+    Replay(DlqReplayArgs),
+    Purge(DlqPurgeArgs),
+}
+
+/// Where the dead-letter queue is: the same flags (and env) as `run`.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "list")]
+pub struct DlqListArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// print a JSON array instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Show one dead-lettered message's metadata and headers (never its sealed content).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "show")]
+pub struct DlqShowArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+
+    /// the message id
+    #[argh(positional)]
+    pub id: String,
+}
+
+/// Publish dead-lettered messages again to their recipients' queues; each leaves the DLQ
+/// only once RabbitMQ confirmed the new copy.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "replay")]
+pub struct DlqReplayArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// replay this message (repeatable; ids may also be given as arguments)
+    #[argh(option)]
+    pub id: Vec<String>,
+
+    /// replay every message for this recipient agent
+    #[argh(option)]
+    pub recipient: Option<String>,
+
+    /// replay every message
+    #[argh(switch)]
+    pub all: bool,
+
+    /// only say what would be replayed
+    #[argh(switch)]
+    pub dry_run: bool,
+
+    /// message ids to replay
+    #[argh(positional)]
+    pub ids: Vec<String>,
+}
+
+/// Delete every message in the dead-letter queue.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "purge")]
+pub struct DlqPurgeArgs {
+    /// the RabbitMQ URL(s), as for run [env DMR_AMQP_URL]
+    /// [default amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[argh(option, default = "\"amqp://guest:guest@127.0.0.1:5672/%2f\".into()")]
+    pub amqp_url: String,
+
+    /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
+    #[argh(option, default = "String::new()")]
+    pub queue_prefix: String,
+
+    /// yes, delete them (required)
+    #[argh(switch)]
+    pub yes: bool,
+}
+
+/// Exit 0 if the server's GET /healthz answers 200, else 1 (for container health checks).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "health")]
+pub struct HealthArgs {
+    /// the server's --listen; 0.0.0.0 and [::] are asked on loopback
+    /// [env DMR_LISTEN] [default 127.0.0.1:8075]
+    #[argh(option, default = "\"127.0.0.1:8075\".parse().unwrap()")]
+    pub listen: SocketAddr,
+
+    /// the full URL to ask instead, e.g. https://host:8075/healthz
+    #[argh(option)]
+    pub url: Option<String>,
 }
 
 /// `dmr-agent`: an agency's end of DMR — encrypts, sends, receives and delivers.
@@ -122,6 +356,8 @@ pub struct AgentCli {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+// Parsed once at start: the size difference between subcommands costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AgentCommand {
     Run(AgentArgs),
     Keygen(KeygenArgs),
@@ -156,9 +392,20 @@ pub struct AgentArgs {
     pub deliver_url: Option<String>,
 
     /// bearer token the local HTTP API requires (prefer the env var) [env DMR_API_TOKEN]
-    /// [default none: no token required]
+    /// [default none: no token required; needed when --listen is off loopback]
     #[argh(option)]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
+
+    /// a host name the API also answers to in the Host header, besides the --listen
+    /// address and localhost/127.0.0.1/[::1] on its port: NAME (any port) or NAME:PORT;
+    /// repeat or comma-separate [env DMR_API_HOST]
+    #[argh(option)]
+    pub api_host: Vec<String>,
+
+    /// listen off loopback without --api-token (only behind a firewall that lets just the
+    /// local service in) [env DMR_ALLOW_NO_TOKEN]
+    #[argh(switch)]
+    pub allow_no_token: bool,
 
     /// PEM CA certificates to trust for wss:// instead of the built-in web roots
     /// [env DMR_CA_FILE]
@@ -181,11 +428,6 @@ pub struct AgentArgs {
     #[argh(option, default = "60")]
     pub webhook_retry_max: u64,
 
-    /// directory of this agent's state (pinned keys, replay guard, message statuses, the
-    /// outbox) [env DMR_STATE_DIR] [default $STATE_DIRECTORY/<id>, else
-    /// /var/lib/dmr-agent/<id>]
-    #[argh(option)]
-    pub state_dir: Option<PathBuf>,
 
     /// URL the agent POSTs each status change of a sent message to (queued, sent,
     /// delivered, failed) [env DMR_STATUS_URL] [default none]
@@ -200,6 +442,28 @@ pub struct AgentArgs {
     /// log format, text or json (one object per line) [env DMR_LOG_FORMAT] [default text]
     #[argh(option, default = "LogFormat::Text")]
     pub log_format: LogFormat,
+
+    /// the private key before the last rotation (keygen --force keeps it as PREFIX.key.old):
+    /// messages still sealed to it open during a rotation [env DMR_PREVIOUS_KEY]
+    #[argh(option)]
+    pub previous_key: Option<PathBuf>,
+
+    /// serve /metrics on this address only (instead of on --listen)
+    /// [env DMR_METRICS_LISTEN] [default none: on --listen]
+    #[argh(option)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// this agent's state (pinned keys, delivered message ids, statuses of sent messages,
+    /// the outbox); one per agent, never shared
+    /// [env DMR_STATE_DIR] [default $STATE_DIRECTORY/<id> under systemd's StateDirectory=,
+    /// else /var/lib/dmr-agent/<id>]
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+
+    /// operator's Ed25519 public key (SPKI PEM) that must have signed the directory;
+    /// repeatable; without one, agent keys are pinned on first use
+    /// [env DMR_DIRECTORY_KEY, comma-separated]
+    #[argh(option)]
+    pub directory_key: Vec<String>,
 }
 
 /// Write a new X25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
@@ -313,8 +577,10 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
         &[
             ("listen", false),
             ("amqp-url", false),
+            ("amqp-ca-file", false),
             ("agents-file", false),
             ("centops-url", false),
+            ("centops-signature-url", false),
             ("centops-interval", false),
             ("tls-cert", false),
             ("tls-key", false),
@@ -328,8 +594,38 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("audit-log", false),
             ("instance", false),
             ("log-format", false),
+            ("max-connections", false),
+            ("max-handshakes", false),
+            ("centops-max-bytes", false),
+            ("centops-ca-file", false),
+            ("allow-insecure-centops", true),
+            ("allow-empty-directory", true),
+            ("metrics-listen", false),
+            ("management-url", false),
         ],
     ),
+    (
+        "rabbitmq setup",
+        &[
+            ("management-url", false),
+            ("amqp-url", false),
+            ("vhost", false),
+            ("queue-prefix", false),
+            ("message-ttl", false),
+            ("delivery-limit", false),
+            ("dlq-retention", false),
+        ],
+    ),
+    // Never --yes, --all or --json from the environment: a leftover variable must not
+    // purge or replay anything.
+    ("dlq list", &[("amqp-url", false), ("queue-prefix", false)]),
+    ("dlq show", &[("amqp-url", false), ("queue-prefix", false)]),
+    (
+        "dlq replay",
+        &[("amqp-url", false), ("queue-prefix", false)],
+    ),
+    ("dlq purge", &[("amqp-url", false), ("queue-prefix", false)]),
+    ("health", &[("listen", false)]),
 ];
 
 pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
@@ -348,6 +644,13 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("status-url", false),
             ("outbox-max-messages", false),
             ("log-format", false),
+            ("message-ttl", false),
+            ("webhook-retry-max", false),
+            ("api-host", false),
+            ("allow-no-token", true),
+            ("previous-key", false),
+            ("metrics-listen", false),
+            ("directory-key", false),
         ],
     ),
     ("keygen", &[("out", false), ("force", true)]),
@@ -420,6 +723,102 @@ pub(crate) fn with_env(
         }
     }
     args
+}
+
+/// A flag value that must never be printed (the API token): `Debug` shows `***`, so a
+/// config struct can derive `Debug` and still be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call it only where the value is used, never to print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A flag holding URLs that may carry a password (`--amqp-url`, several comma-separated):
+/// `Debug` masks every password (`amqp://user:***@host`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UrlWithPassword(String);
+
+impl UrlWithPassword {
+    /// The URLs as given, password included; never print this.
+    pub fn expose(&self) -> &String {
+        &self.0
+    }
+
+    /// The URLs with each password replaced by `***`: safe for logs.
+    pub fn masked(&self) -> String {
+        self.0
+            .split(',')
+            .map(mask_password)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl From<&str> for UrlWithPassword {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl FromStr for UrlWithPassword {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for UrlWithPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+/// `scheme://user:password@rest` → `scheme://user:***@rest`; anything without a password
+/// in its authority is returned as is.
+fn mask_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    // The authority ends at the first '/', '?' or '#'; a password is before its last '@'.
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..start],
+        &authority[..colon],
+        &url[start + at..]
+    )
 }
 
 /// What a flag combination lacks or gets wrong, in words an operator can act on. Flags
@@ -544,7 +943,7 @@ mod tests {
             panic!("expected run");
         };
         assert_eq!(a.listen.to_string(), "1.2.3.4:5");
-        assert_eq!(a.amqp_url, "amqp://x");
+        assert_eq!(a.amqp_url.expose(), "amqp://x");
         assert_eq!(a.delivery_limit, 10);
     }
 

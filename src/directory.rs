@@ -10,7 +10,15 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::crypto::PublicKey;
-use crate::protocol::{AgentEntry, AgentId};
+use crate::protocol::AgentId;
+
+/// Parses a directory document's exact bytes (as a server forwards them): UTF-8 JSON of
+/// the CentOps shape or a bare array.
+pub fn parse(bytes: &[u8]) -> Result<Directory, DirectoryError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DirectoryError::Json(format!("not UTF-8 text: {e}")))?;
+    Directory::from_json(text)
+}
 
 /// One agent the relay knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,20 +133,17 @@ impl Directory {
         Ok(Self { agents })
     }
 
+    /// The agents of several sources in one directory; where two list an id, the later
+    /// source wins (the agents file first, then CentOps).
+    pub fn merge<'a>(sources: impl IntoIterator<Item = &'a Directory>) -> Self {
+        Self::from_agents(sources.into_iter().flat_map(|d| d.iter().cloned()))
+    }
+
     /// Builds a directory from already validated agents (later duplicates win).
     pub(crate) fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
         Self {
             agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
         }
-    }
-
-    /// Builds a directory from what a server announced.
-    pub fn from_entries(entries: &[AgentEntry]) -> Self {
-        Self::from_agents(entries.iter().map(|e| Agent {
-            id: e.id.clone(),
-            name: e.name.clone(),
-            public_key: PublicKey::from_bytes(e.public_key),
-        }))
     }
 
     pub fn get(&self, id: &AgentId) -> Option<&Agent> {
@@ -159,17 +164,6 @@ impl Directory {
 
     pub fn iter(&self) -> impl Iterator<Item = &Agent> {
         self.agents.values()
-    }
-
-    /// The directory as sent to agents in `Welcome` and `Directory` frames.
-    pub fn to_entries(&self) -> Vec<AgentEntry> {
-        self.iter()
-            .map(|a| AgentEntry {
-                id: a.id.clone(),
-                name: a.name.clone(),
-                public_key: *a.public_key.as_bytes(),
-            })
-            .collect()
     }
 
     /// What would change if `next` replaced `self`.
@@ -307,8 +301,22 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_through_wire_entries() {
-        let d = Directory::from_json(&serde_json::json!([entry("a", &pem())]).to_string()).unwrap();
-        assert_eq!(Directory::from_entries(&d.to_entries()), d);
+    fn parse_takes_bytes_and_merge_lets_later_sources_win() {
+        let (k1, k2) = (pem(), pem());
+        let file = parse(
+            serde_json::json!([entry("a", &k1), entry("b", &k1)])
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let centops = parse(serde_json::json!([entry("b", &k2)]).to_string().as_bytes()).unwrap();
+        let merged = Directory::merge([&file, &centops]);
+        assert_eq!(merged.len(), 2);
+        let b = merged.get(&"b".parse().unwrap()).unwrap();
+        assert_eq!(
+            b.public_key,
+            centops.get(&"b".parse().unwrap()).unwrap().public_key
+        );
+        assert!(matches!(parse(b"\xff[]"), Err(DirectoryError::Json(_))));
     }
 }

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,13 +22,55 @@ use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
 
-use crate::transport::{self, Stream};
+use crate::transport::{self, Metered, ReadBudget, Stream};
 use crate::wait::with_timeout;
 
 /// The connection type hyper serves; what an upgrade hands back.
-pub(crate) type Io = FuturesIo<Stream>;
+pub(crate) type Io = FuturesIo<Metered<Stream>>;
 /// Every response body here is a complete buffer.
 pub type Body = Full<Bytes>;
+
+/// Bounds on what one listener accepts. The default bounds nothing beyond hyper's own limits.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Open connections (WebSocket sessions included) beyond which new ones are refused.
+    pub max_connections: Option<usize>,
+    /// Called for each connection refused over `max_connections`.
+    pub on_refused: Option<Arc<dyn Fn(SocketAddr) + Send + Sync>>,
+    /// hyper's read buffer, i.e. the largest request head a connection can hold.
+    pub max_head_bytes: Option<usize>,
+}
+
+/// Open connections of one listener; each accepted connection holds a [`Held`].
+#[derive(Default)]
+struct Count(AtomicUsize);
+
+/// One place in a [`Count`], given back when dropped.
+struct Held(Arc<Count>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Count {
+    fn take(self: &Arc<Self>, max: usize) -> Option<Held> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Held(self.clone()))
+    }
+}
+
+/// Refused connections being told so at once; beyond this many they are just closed.
+const MAX_REFUSING: usize = 64;
+
+/// The answer a plain-HTTP connection gets over the connection cap.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+connection: close\r\nretry-after: 1\r\ncontent-length: 40\r\n\r\n{\"error\":\"too many connections; retry\"}\n";
 
 /// Serves `handler` on `listener` until `stop` resolves. Each connection runs in its own
 /// task; TLS, when configured, is negotiated in that task so a slow client blocks no one.
@@ -39,6 +83,22 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, tls, ServeOptions::default(), handler, stop).await
+}
+
+/// [`serve`] within the bounds of `options`.
+pub async fn serve_with<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    options: ServeOptions,
+    handler: H,
+    stop: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let open = Arc::new(Count::default());
+    let refusing = Arc::new(Count::default());
     let accept = async {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -50,8 +110,22 @@ pub async fn serve<H, F>(
                     continue;
                 }
             };
+            let held = match options.max_connections {
+                None => None,
+                Some(max) => match open.take(max) {
+                    Some(h) => Some(h),
+                    None => {
+                        if let Some(f) = &options.on_refused {
+                            f(peer);
+                        }
+                        refuse_connection(tcp, tls.is_some(), &refusing);
+                        continue;
+                    }
+                },
+            };
             let _ = tcp.set_nodelay(true);
             let (tls, handler) = (tls.clone(), handler.clone());
+            let max_head = options.max_head_bytes;
             smol::spawn(async move {
                 let stream = match tls {
                     None => Stream::Plain(tcp),
@@ -65,13 +139,22 @@ pub async fn serve<H, F>(
                         }
                     }
                 };
+                let stream = match held {
+                    Some(h) => Metered::new(stream).holding(h),
+                    None => Metered::new(stream),
+                };
                 let service = hyper::service::service_fn(move |req| {
                     let fut = handler(req, peer);
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
                     .timer(SmolTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(Duration::from_secs(10));
+                if let Some(max) = max_head {
+                    builder.max_buf_size(max.max(8192));
+                }
+                let conn = builder
                     .serve_connection(FuturesIo::new(stream), service)
                     .with_upgrades();
                 if let Err(e) = conn.await {
@@ -84,9 +167,36 @@ pub async fn serve<H, F>(
     futures_lite::future::or(accept, stop).await;
 }
 
-/// The WebSocket a `101` answer leads to, once hyper hands the connection over.
-pub(crate) type Upgrading =
-    std::pin::Pin<Box<dyn Future<Output = Result<transport::WebSocket, UpgradeError>> + Send>>;
+/// Tells a plain-HTTP client over the connection cap `503` (without reading its request),
+/// or just closes: a TLS client would need a handshake first, which is what the cap spares.
+fn refuse_connection(tcp: smol::net::TcpStream, tls: bool, refusing: &Arc<Count>) {
+    let Some(held) = (!tls).then(|| refusing.take(MAX_REFUSING)).flatten() else {
+        return;
+    };
+    smol::spawn(async move {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tcp;
+        let answer = async {
+            tcp.write_all(OVER_CAPACITY).await?;
+            tcp.flush().await?;
+            tcp.shutdown(std::net::Shutdown::Write)?;
+            // Reading what the client sent lets the close be orderly (no reset that could
+            // destroy the answer before the client read it).
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = with_timeout(Duration::from_secs(1), answer).await;
+        drop(held);
+    })
+    .detach();
+}
+
+/// The WebSocket a `101` answer leads to, once hyper hands the connection over, with the
+/// handle that lifts its pre-login read cap ([`transport::PRE_LOGIN_BYTES`]).
+pub(crate) type Upgrading = std::pin::Pin<
+    Box<dyn Future<Output = Result<(transport::WebSocket, ReadBudget), UpgradeError>> + Send>,
+>;
 
 /// Why an accepted WebSocket upgrade did not yield a WebSocket.
 #[derive(Debug)]
@@ -95,6 +205,8 @@ pub(crate) enum UpgradeError {
     Hyper(hyper::Error),
     /// hyper handed over a connection of another type than [`Io`]: a bug, not input.
     ConnectionType,
+    /// The client sent more than the pre-login budget along with its upgrade request.
+    TooMuchEarlyData(usize),
 }
 
 impl std::fmt::Display for UpgradeError {
@@ -102,6 +214,11 @@ impl std::fmt::Display for UpgradeError {
         match self {
             Self::Hyper(e) => e.fmt(f),
             Self::ConnectionType => f.write_str("unexpected connection type"),
+            Self::TooMuchEarlyData(n) => write!(
+                f,
+                "{n} bytes sent with the upgrade request, over the {} allowed before login",
+                transport::PRE_LOGIN_BYTES
+            ),
         }
     }
 }
@@ -136,10 +253,16 @@ pub(crate) fn upgrade_websocket(
         let parts = upgraded
             .downcast::<Io>()
             .map_err(|_| UpgradeError::ConnectionType)?;
-        // Bytes hyper read past the request already belong to the WebSocket.
-        let stream = parts.io.into_inner();
+        // Bytes hyper read past the request already belong to the WebSocket, and count
+        // toward what it may read before login.
+        let mut stream = parts.io.into_inner();
         let read = parts.read_buf.to_vec();
-        Ok(WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config)).await)
+        if read.len() > transport::PRE_LOGIN_BYTES {
+            return Err(UpgradeError::TooMuchEarlyData(read.len()));
+        }
+        let budget = stream.cap_reads(transport::PRE_LOGIN_BYTES, read.len());
+        let ws = WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config));
+        Ok((ws.await, budget))
     });
     let mut resp = Response::new(Body::default());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -251,8 +374,10 @@ pub enum ClientError {
     },
     /// Sending the request failed.
     Request(hyper::Error),
-    /// The answer's body could not be read, or was over the size the client reads.
+    /// The answer's body could not be read.
     Answer(String),
+    /// The answer's body is over the size the client reads.
+    TooLarge { limit: usize },
     /// The connection closed before the request could be sent.
     Closed,
     /// No complete answer within the limit.
@@ -273,6 +398,7 @@ impl std::fmt::Display for ClientError {
             }
             Self::Request(e) => write!(f, "request failed: {e}"),
             Self::Answer(e) => write!(f, "reading the answer: {e}"),
+            Self::TooLarge { limit } => write!(f, "the answer's body is over {limit} bytes"),
             Self::Closed => f.write_str("the connection closed before the request was sent"),
             Self::Timeout(limit) => write!(f, "no answer within {limit:?}"),
         }
@@ -289,6 +415,7 @@ impl std::error::Error for ClientError {
             Self::NoHost { .. }
             | Self::BadHost { .. }
             | Self::Answer(_)
+            | Self::TooLarge { .. }
             | Self::Closed
             | Self::Timeout(_) => None,
         }
@@ -305,6 +432,21 @@ pub async fn request(
     Client::new(tls.cloned()).request(req, timeout).await
 }
 
+/// [`request`] reading at most `max_bytes` of the answer's body: an answer announcing more
+/// is refused before its body is read, one that turns out longer is cut off at the limit.
+pub async fn request_limited(
+    req: Request<Body>,
+    tls: Option<&futures_rustls::TlsConnector>,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let client = Client {
+        max_response_bytes: max_bytes,
+        ..Client::new(tls.cloned())
+    };
+    client.request(req, timeout).await
+}
+
 type Conn = hyper::client::conn::http1::SendRequest<Body>;
 /// A kept connection and the task driving it (dropping the task closes the connection).
 type Kept = (Conn, smol::Task<()>);
@@ -316,6 +458,7 @@ const IDLE_PER_HOST: usize = 32;
 /// An HTTP/1.1 client that reuses keep-alive connections.
 pub struct Client {
     tls: Option<futures_rustls::TlsConnector>,
+    max_response_bytes: usize,
     idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Kept>>>,
 }
 
@@ -324,6 +467,7 @@ impl Client {
     pub fn new(tls: Option<futures_rustls::TlsConnector>) -> Self {
         Self {
             tls,
+            max_response_bytes: MAX_RESPONSE_BYTES,
             idle: Default::default(),
         }
     }
@@ -363,7 +507,7 @@ impl Client {
             // only then is it safe to send it again on a fresh one. A request that may have
             // reached the peer is never repeated here: the caller decides (see `Unsent`).
             if conn.ready().await.is_ok() {
-                match exchange(&mut conn, req).await {
+                match exchange(&mut conn, req, self.max_response_bytes).await {
                     Ok(r) => return Ok(self.keep(key, conn, task, r)),
                     Err(Failed::Unsent(back)) => req = back,
                     Err(Failed::Sent(e)) => return Err(e),
@@ -371,7 +515,7 @@ impl Client {
             }
         }
         let (mut conn, task) = self.connect(&uri).await?;
-        match exchange(&mut conn, req).await {
+        match exchange(&mut conn, req, self.max_response_bytes).await {
             Ok(r) => Ok(self.keep(key, conn, task, r)),
             Err(Failed::Unsent(_)) => Err(ClientError::Closed),
             Err(Failed::Sent(e)) => Err(e),
@@ -448,7 +592,11 @@ enum Failed {
     Sent(ClientError),
 }
 
-async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, Bytes), Failed> {
+async fn exchange(
+    conn: &mut Conn,
+    req: Request<Body>,
+    max: usize,
+) -> Result<(StatusCode, Bytes), Failed> {
     let resp = match conn.try_send_request(req).await {
         Ok(resp) => resp,
         Err(mut e) => match e.take_message() {
@@ -457,10 +605,33 @@ async fn exchange(conn: &mut Conn, req: Request<Body>) -> Result<(StatusCode, By
         },
     };
     let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| Failed::Sent(ClientError::Answer(e.to_string())))?
-        .to_bytes();
+    let over = || Failed::Sent(ClientError::TooLarge { limit: max });
+    if hyper::body::Body::size_hint(resp.body()).lower() > max as u64 {
+        return Err(over());
+    }
+    let body = match Limited::new(resp.into_body(), max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(over()),
+        Err(e) => return Err(Failed::Sent(ClientError::Answer(e.to_string()))),
+    };
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_over_capacity_answer_is_well_formed() {
+        let text = std::str::from_utf8(OVER_CAPACITY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        let length = format!("content-length: {}", body.len());
+        assert!(
+            head.lines().any(|l| l == length),
+            "{head:?} vs {}",
+            body.len()
+        );
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
 }

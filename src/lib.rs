@@ -19,6 +19,8 @@
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
 //! - [`policy`], [`audit`], [`logging`]: the relay's rules and limits, its audit log, and
 //!   the log format of both binaries.
+//! - [`ops`], [`rabbitmq_admin`]: operator commands (`dlq`, `rabbitmq setup`, `health`,
+//!   `--version`) and the RabbitMQ management API client they use.
 
 #![forbid(unsafe_code)]
 
@@ -31,9 +33,11 @@ pub mod directory;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod process;
 pub mod protocol;
+pub mod rabbitmq_admin;
 pub mod server;
 pub(crate) mod signals;
 pub mod signing;

@@ -3,7 +3,6 @@
 //! Counters are plain atomics from prometheus-client; labels are static strings, so
 //! recording a metric never allocates on the hot path beyond the family's first use.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,6 +11,21 @@ use prometheus_client::registry::Registry;
 
 /// A counter split by one label.
 pub(crate) type Labeled = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// `dmr_build_info{version, git} 1`: which build a process runs, for both binaries.
+fn build_info() -> Registry {
+    let mut registry = Registry::with_prefix("dmr");
+    let info = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+    let git = crate::ops::GIT_SHA.unwrap_or("unknown");
+    info.get_or_create(&[("version", crate::ops::VERSION), ("git", git)])
+        .set(1);
+    registry.register(
+        "build_info",
+        "The running build: version and git commit",
+        info,
+    );
+    registry
+}
 
 fn latency() -> Histogram {
     // 100 µs … ~13 s
@@ -35,6 +49,10 @@ pub(crate) struct ServerMetrics {
     pub(crate) rabbitmq_connected: Gauge,
     pub(crate) directory_agents: Gauge,
     pub(crate) directory_reloads: Labeled,
+    pub(crate) connections_refused: Labeled,
+    pub(crate) handshakes_in_progress: Gauge,
+    pub(crate) dlq_messages: Gauge,
+    build: Registry,
 }
 
 impl Default for ServerMetrics {
@@ -55,6 +73,10 @@ impl Default for ServerMetrics {
             rabbitmq_connected: Gauge::default(),
             directory_agents: Gauge::default(),
             directory_reloads: Labeled::default(),
+            connections_refused: Labeled::default(),
+            handshakes_in_progress: Gauge::default(),
+            dlq_messages: Gauge::default(),
+            build: build_info(),
         };
         let r = &mut m.registry;
         r.register(
@@ -107,6 +129,21 @@ impl Default for ServerMetrics {
             "Directory loads by result",
             m.directory_reloads.clone(),
         );
+        r.register(
+            "connections_refused",
+            "Connections refused before login, by reason (connections, handshakes)",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "handshakes_in_progress",
+            "WebSocket handshakes started and not yet finished",
+            m.handshakes_in_progress.clone(),
+        );
+        r.register(
+            "dlq_messages",
+            "Messages ready in the dead-letter queue (read every 15 s)",
+            m.dlq_messages.clone(),
+        );
         m
     }
 }
@@ -114,18 +151,12 @@ impl Default for ServerMetrics {
 impl ServerMetrics {
     /// The Prometheus text exposition.
     pub(crate) fn render(&self) -> String {
-        render(&self.registry)
+        render_all(&[&self.registry, &self.build])
     }
 
     /// The exposition with `extra`'s metrics (unprefixed names) in the same document.
     pub fn render_with(&self, extra: &Registry) -> String {
-        use prometheus_client::encoding::text::{encode_eof, encode_registry};
-        let mut out = String::new();
-        let written = encode_registry(&mut out, &self.registry)
-            .and_then(|()| encode_registry(&mut out, extra))
-            .and_then(|()| encode_eof(&mut out));
-        written.expect("writing to a String cannot fail");
-        out
+        render_all(&[&self.registry, &self.build, extra])
     }
 }
 
@@ -146,6 +177,9 @@ pub(crate) struct AgentMetrics {
     pub(crate) decrypt_failures: Counter,
     pub(crate) send_seconds: Histogram,
     pub(crate) delivery_seconds: Histogram,
+    build: Registry,
+    pub(crate) directory_refused: Counter,
+    pub(crate) key_changes: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -166,6 +200,9 @@ impl Default for AgentMetrics {
             decrypt_failures: Counter::default(),
             send_seconds: latency(),
             delivery_seconds: latency(),
+            build: build_info(),
+            directory_refused: Counter::default(),
+            key_changes: Gauge::default(),
         };
         m.webhook_up.set(1);
         let r = &mut m.registry;
@@ -212,7 +249,7 @@ impl Default for AgentMetrics {
         );
         r.register(
             "stale",
-            "Messages dropped as too old or from the future",
+            "Messages dead-lettered as too old or from the future",
             m.stale.clone(),
         );
         r.register(
@@ -235,6 +272,16 @@ impl Default for AgentMetrics {
             "Sender's timestamp to webhook success",
             m.delivery_seconds.clone(),
         );
+        r.register(
+            "directory_refused",
+            "Directories from the server refused (bad or missing signature, unparsable)",
+            m.directory_refused.clone(),
+        );
+        r.register(
+            "key_changes",
+            "Agents whose key changed in the directory and is not confirmed (not used)",
+            m.key_changes.clone(),
+        );
         m
     }
 }
@@ -242,13 +289,21 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     /// The Prometheus text exposition.
     pub(crate) fn render(&self) -> String {
-        render(&self.registry)
+        render_all(&[&self.registry, &self.build])
     }
 }
 
-fn render(registry: &Registry) -> String {
+/// One exposition document of several registries.
+fn render_all(registries: &[&Registry]) -> String {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     let mut out = String::new();
-    encode(&mut out, registry).expect("writing to a String cannot fail");
+    let mut written = Ok(());
+    for registry in registries {
+        written = written.and_then(|()| encode_registry(&mut out, registry));
+    }
+    written
+        .and_then(|()| encode_eof(&mut out))
+        .expect("writing to a String cannot fail");
     out
 }
 
@@ -270,4 +325,40 @@ pub fn exposition_of_every_metric() -> String {
     let agent = AgentMetrics::default();
     agent.rejected.get_or_create(&[("test", "test")]).inc();
     server.render() + &agent.render()
+}
+
+/// Serves `GET /metrics` (and nothing else) from `render` on its own listener
+/// (`--metrics-listen`), until the returned task is dropped.
+pub(crate) fn serve_separately(
+    listener: smol::net::TcpListener,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) -> smol::Task<()> {
+    use hyper::{Method, StatusCode};
+    let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+        let render = render.clone();
+        async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/metrics") => {
+                    crate::http::text(StatusCode::OK, CONTENT_TYPE, render())
+                }
+                (_, "/metrics") => crate::http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+                _ => crate::http::error(StatusCode::NOT_FOUND, "only /metrics here"),
+            }
+        }
+    };
+    smol::spawn(crate::http::serve(
+        listener,
+        None,
+        handler,
+        futures_lite::future::pending(),
+    ))
+}
+
+/// Binds `--metrics-listen`, naming the flag when it cannot.
+pub(crate) async fn bind_separately(
+    addr: std::net::SocketAddr,
+) -> Result<smol::net::TcpListener, String> {
+    smol::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-listen {addr}: {e}"))
 }

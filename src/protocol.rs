@@ -12,6 +12,11 @@ use uuid::Uuid;
 
 /// The protocol version this build speaks. `Hello` carries it first, so a peer of any
 /// version can read it and refuse with a clear reason.
+///
+/// Version 2: `Welcome` and `Directory` carry the directory as the signed documents
+/// ([`DirectoryDocument`]) instead of parsed entries, so agents can verify them; `Challenge`
+/// carries `tls_bound`, and the handshake proof may cover the TLS channel (see
+/// `crypto::ChannelBinding`).
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
@@ -287,12 +292,58 @@ impl Envelope {
     }
 }
 
-/// One agent as the server announces it: id, display name, X25519 public key.
+/// One directory document exactly as its source published it (the agents file or the
+/// CentOps response), with the operator's Ed25519 signature over those exact bytes when the
+/// source has one. The server forwards it unchanged; agents verify and parse it themselves,
+/// so a relay cannot swap keys without the agents noticing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentEntry {
-    pub id: AgentId,
-    pub name: String,
-    pub public_key: [u8; 32],
+pub struct DirectoryDocument {
+    pub json: Vec<u8>,
+    pub signature: Option<DirectorySignature>,
+}
+
+/// A 64-byte Ed25519 signature over a [`DirectoryDocument`]'s bytes (on the wire: a byte
+/// string that must be exactly 64 long).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectorySignature(pub [u8; 64]);
+
+impl Serialize for DirectorySignature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DirectorySignature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DirectorySignature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 64-byte signature")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                <[u8; 64]>::try_from(v)
+                    .map(DirectorySignature)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(65, &self));
+                }
+                Ok(DirectorySignature(out))
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
 }
 
 /// The server's limits, told to the agent in `Welcome`.
@@ -375,14 +426,17 @@ pub enum ServerFrame {
     Challenge {
         ephemeral_pk: [u8; 32],
         nonce: [u8; 32],
+        /// The server terminates TLS and accepts only a proof bound to this TLS connection.
+        tls_bound: bool,
     },
+    /// `directory`: one document per source (agents file, CentOps), as published.
     Welcome {
-        directory: Vec<AgentEntry>,
+        directory: Vec<DirectoryDocument>,
         limits: Limits,
     },
     /// The whole directory, sent again whenever it changes.
     Directory {
-        directory: Vec<AgentEntry>,
+        directory: Vec<DirectoryDocument>,
     },
     /// The envelope is durable in RabbitMQ.
     Accepted {
@@ -503,6 +557,30 @@ mod tests {
             envelope: env,
         };
         assert_eq!(ServerFrame::decode(&s.encode(), 1 << 20).unwrap(), s);
+        let d = ServerFrame::Directory {
+            directory: vec![
+                DirectoryDocument {
+                    json: b"[]".to_vec(),
+                    signature: Some(DirectorySignature([7; 64])),
+                },
+                DirectoryDocument {
+                    json: b"{}".to_vec(),
+                    signature: None,
+                },
+            ],
+        };
+        assert_eq!(ServerFrame::decode(&d.encode(), 1 << 20).unwrap(), d);
+    }
+
+    #[test]
+    fn directory_signatures_must_be_64_bytes() {
+        // Directory, one document, json "[]", Some(signature of 63 bytes).
+        let mut bytes = vec![2u8, 1, 2, b'[', b']', 1, 63];
+        bytes.extend_from_slice(&[0; 63]);
+        assert!(matches!(
+            ServerFrame::decode(&bytes, 1024),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //! Calls block (a commit waits for the disk): async callers run them on a blocking thread
 //! (`smol::unblock`), sharing the `State` through an `Arc`.
 //!
-//! It also holds `dmr-agent trust list|confirm`, the operator's commands on pinned keys.
+//! It also holds `dmr-agent trust list|confirm`, the operator's commands on pinned keys;
+//! while the agent runs, `trust confirm` leaves its request in the [`dropbox`].
+
+pub mod dropbox;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -678,7 +681,13 @@ fn trust_confirm(args: &TrustConfirmArgs) -> Result<(), StateError> {
         Some(path) => Some(read_public_key(path)?),
         None => None,
     };
-    let state = State::open_existing(&args.state_dir)?;
+    let state = match State::open_existing(&args.state_dir) {
+        Ok(state) => state,
+        Err(StateError::Locked { holder, .. }) => {
+            return confirm_through_dropbox(args, &id, key.as_ref(), holder)
+        }
+        Err(e) => return Err(e),
+    };
     let (key, old) = match key {
         Some(k) => (k, state.confirm(&id, &k)?),
         None => {
@@ -694,6 +703,34 @@ fn trust_confirm(args: &TrustConfirmArgs) -> Result<(), StateError> {
         ),
         _ => println!("agent {id}: key {} confirmed", fingerprint(&key)),
     }
+    Ok(())
+}
+
+/// The agent holds the store: leave the request where it looks for it.
+fn confirm_through_dropbox(
+    args: &TrustConfirmArgs,
+    id: &AgentId,
+    key: Option<&PublicKey>,
+    holder: Option<u32>,
+) -> Result<(), StateError> {
+    let file = dropbox::write_request(&args.state_dir, id, key)?;
+    let what = match key {
+        Some(k) => format!("key {}", fingerprint(k)),
+        None => "the changed key the directory offered".into(),
+    };
+    let (agent, hup) = match holder {
+        Some(pid) => (
+            format!("the running agent (pid {pid})"),
+            format!("`kill -HUP {pid}`"),
+        ),
+        None => ("the running agent".into(), "SIGHUP".into()),
+    };
+    println!(
+        "agent {id}: the state dir is in use by {agent}; wrote the request to confirm {what} to {}. \
+         The agent applies it within 5 s (at once on {hup}) and logs the result; \
+         GET /v1/agents then no longer shows \"keyChanged\" for {id}.",
+        file.display()
+    );
     Ok(())
 }
 

@@ -3,11 +3,14 @@
 //!
 //! [`Stream`] is one concrete type for every kind of connection, so the HTTP server can
 //! hand a connection back from hyper's upgrade and the agent can dial `ws://` or `wss://`
-//! alike.
+//! alike. [`Metered`] is how a server holds an accepted connection: its reads can be capped
+//! (a WebSocket before login may read only [`PRE_LOGIN_BYTES`]) and it keeps the
+//! listener's connection count until it is dropped.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +24,8 @@ use futures_rustls::{TlsAcceptor, TlsConnector};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use smol::net::TcpStream;
+
+use crate::crypto::ChannelBinding;
 
 /// A connection, with or without TLS.
 pub enum Stream {
@@ -67,8 +72,148 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// A WebSocket over any [`Stream`].
-pub(crate) type WebSocket = WebSocketStream<Stream>;
+/// Bytes a WebSocket may read after the upgrade until its agent has logged in: `Hello`
+/// and `Proof` are well under 200 bytes; the rest is room for pings and a close frame.
+/// Before login, a connection therefore holds a few KiB at most instead of a whole
+/// `--max-message-bytes` frame, whatever its frame header announces.
+pub const PRE_LOGIN_BYTES: usize = 8 * 1024;
+
+/// Shared between the [`Metered`] stream (inside the WebSocket) and whoever decides when
+/// the cap goes: the total number of bytes the stream may have read.
+#[derive(Clone, Debug)]
+pub struct ReadBudget(Arc<AtomicUsize>);
+
+impl ReadBudget {
+    fn unlimited() -> Self {
+        Self(Arc::new(AtomicUsize::new(usize::MAX)))
+    }
+
+    /// Removes the cap: from now on the WebSocket's own limits apply (after login).
+    pub fn lift(&self) {
+        self.0.store(usize::MAX, Ordering::Relaxed);
+    }
+}
+
+/// Released when the connection holding it is dropped; see [`Metered::holding`].
+pub trait Slot: Send + Sync {}
+impl<T: Send + Sync> Slot for T {}
+
+/// A connection whose reads may be capped, and which holds a place in its listener's count
+/// of open connections for as long as it lives (through a WebSocket upgrade too).
+pub struct Metered<S> {
+    inner: S,
+    /// Bytes read so far.
+    read: usize,
+    limit: ReadBudget,
+    _slot: Option<Box<dyn Slot>>,
+}
+
+impl<S> Metered<S> {
+    /// An uncapped connection holding nothing.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit: ReadBudget::unlimited(),
+            _slot: None,
+        }
+    }
+
+    /// Keeps `slot` alive as long as the connection.
+    pub fn holding(mut self, slot: impl Slot + 'static) -> Self {
+        self._slot = Some(Box::new(slot));
+        self
+    }
+
+    /// Caps further reads at `more` bytes (of which `already` were read elsewhere, e.g.
+    /// buffered by hyper past the upgrade request); returns the handle that lifts the cap.
+    pub fn cap_reads(&mut self, more: usize, already: usize) -> ReadBudget {
+        let limit = self.read.saturating_add(more.saturating_sub(already));
+        self.limit.0.store(limit, Ordering::Relaxed);
+        self.limit.clone()
+    }
+
+    /// The connection underneath (for TLS details such as channel binding).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let left = this
+            .limit
+            .0
+            .load(Ordering::Relaxed)
+            .saturating_sub(this.read);
+        if left == 0 && !buf.is_empty() {
+            // Failing the read ends the WebSocket; the peer gets a close with this reason.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {PRE_LOGIN_BYTES} bytes before login"),
+            )));
+        }
+        let n = buf.len().min(left);
+        let result = Pin::new(&mut this.inner).poll_read(cx, &mut buf[..n]);
+        if let Poll::Ready(Ok(read)) = &result {
+            this.read = this.read.saturating_add(*read);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+/// A server's WebSocket: over an accepted, [`Metered`] connection.
+pub(crate) type WebSocket = WebSocketStream<Metered<Stream>>;
+
+/// The RFC 5705 / RFC 8446 §7.5 exporter label the handshake proof binds to.
+pub const HANDSHAKE_EXPORTER_LABEL: &[u8] = b"EXPORTER-DMR-handshake-v2";
+
+impl Stream {
+    /// What a handshake proof over this connection is bound to: the TLS exporter value
+    /// (32 bytes, label [`HANDSHAKE_EXPORTER_LABEL`], empty context), the same at both ends
+    /// of one TLS connection and unrelated on any other; `Unbound` for plain TCP.
+    pub fn channel_binding(&self) -> Result<ChannelBinding, rustls::Error> {
+        let out = [0u8; 32];
+        let context = Some(&b""[..]);
+        let exported = match self {
+            Stream::Plain(_) => return Ok(ChannelBinding::Unbound),
+            Stream::TlsServer(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+            Stream::TlsClient(s) => {
+                s.get_ref()
+                    .1
+                    .export_keying_material(out, HANDSHAKE_EXPORTER_LABEL, context)
+            }
+        };
+        exported.map(ChannelBinding::Tls)
+    }
+}
 
 /// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
 /// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
@@ -104,8 +249,9 @@ pub enum TlsError {
     NoCertificate { flag: &'static str, path: PathBuf },
     /// The `--tls-key` file holds no private key section.
     NoPrivateKey { path: PathBuf },
-    /// A `--ca-file` certificate cannot serve as a trust anchor.
+    /// A CA file's certificate cannot serve as a trust anchor.
     BadCaCertificate {
+        flag: &'static str,
         path: PathBuf,
         source: rustls::Error,
     },
@@ -134,8 +280,8 @@ impl std::fmt::Display for TlsError {
                     path.display()
                 )
             }
-            Self::BadCaCertificate { path, source } => {
-                write!(f, "--ca-file {}: {source}", path.display())
+            Self::BadCaCertificate { flag, path, source } => {
+                write!(f, "{flag} {}: {source}", path.display())
             }
             Self::KeyMismatch(e) => {
                 write!(f, "TLS certificate and key do not work together: {e}")
@@ -217,27 +363,49 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// A TLS acceptor for `--tls-cert` (PEM chain) and `--tls-key` (PEM private key).
-pub(crate) fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+pub fn server_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = read_certs("--tls-cert", cert)?;
     let key = read_key(key)?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Provider)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::KeyMismatch)?;
+    // The handshake proof binds to the TLS exporter; a TLS 1.2 exporter is unique to its
+    // connection only with the extended master secret (RFC 7627). TLS 1.3 always is.
+    config.require_ems = true;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A TLS connector trusting `ca_file` if given, else the built-in web PKI roots.
+/// A TLS connector trusting `ca_file` (`--ca-file`) if given, else the built-in web PKI
+/// roots.
 pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
+    client_tls_from("--ca-file", ca_file)
+}
+
+/// [`client_tls`] for a CA file given by `flag` (named in errors).
+pub fn client_tls_from(
+    flag: &'static str,
+    ca_file: Option<&Path>,
+) -> Result<TlsConnector, TlsError> {
+    client_config(flag, ca_file).map(TlsConnector::from)
+}
+
+/// The client configuration behind [`client_tls`] (ring, safe defaults), trusting the CA
+/// file `flag` names if given, else the built-in web PKI roots. The broker uses it too.
+pub(crate) fn client_config(
+    flag: &'static str,
+    ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            for cert in read_certs("--ca-file", path)? {
+            for cert in read_certs(flag, path)? {
                 roots
                     .add(cert)
                     .map_err(|source| TlsError::BadCaCertificate {
+                        flag,
                         path: path.to_owned(),
                         source,
                     })?;
@@ -250,7 +418,7 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
         .map_err(TlsError::Provider)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Opens TCP (and TLS when `tls` is given) to `host:port`.

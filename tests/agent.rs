@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{
-    agent_args, free_port, http_call, http_get, peek_queue, wait_until, AgentProc, Proc, Server,
-    Webhook, World, AGENT_BIN,
+    agent_args, free_port, http_call, http_get, peek_queue, wait_until, write_private_key,
+    AgentProc, Proc, Server, Webhook, World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -348,51 +348,66 @@ fn webhook_down_then_up_delivers_exactly_once() {
 
 // 4 ---------------------------------------------------------------------------------------
 
+/// A local service that answers "never" (400, 404, 410, 413, 422) gets each message once:
+/// B's agent dead-letters it at once, not after `--delivery-limit` attempts, and the DLQ copy
+/// keeps its headers and carries the reason in `x-dmr-reason`. (A 5xx is an outage instead:
+/// see `webhook_down_then_up_delivers_exactly_once` and tests/faults.rs.)
 #[test]
-fn permanently_failing_webhook_sends_the_message_to_the_dlq() {
+fn a_webhook_refusing_for_good_sends_the_message_to_the_dlq_at_once() {
+    const NEVER: [u16; 5] = [400, 404, 410, 413, 422];
     let world = World::new("dlq", &["a", "b"]);
-    let server = Server::start(&world, "server", &["--delivery-limit", "2"]);
+    let server = Server::start(&world, "server", &["--delivery-limit", "5"]);
     let hook = Webhook::start();
-    hook.failing.store(true, Ordering::SeqCst);
     let a = AgentProc::start(&world, "a", &[&server], None, &[]);
     let b = AgentProc::start(&world, "b", &[&server], Some(&hook), &[]);
 
-    let id = send_ok(&a, "b", json!({"q": "nobody will take this"}));
-    let end = Instant::now() + 40 * SECOND;
-    let found = loop {
-        let dead = peek_queue(&world.dlq(), 5, Duration::from_millis(300));
-        if let Some(m) = dead.iter().find(|m| m.message_id.as_deref() == Some(&id)) {
-            break m.headers.clone();
-        }
-        assert!(
-            Instant::now() < end,
-            "message {id} not in {} after 40 s; webhook attempts {}",
-            world.dlq(),
-            hook.attempts.load(Ordering::SeqCst)
+    let mut ids = BTreeMap::new();
+    for (i, status) in NEVER.into_iter().enumerate() {
+        hook.answer.store(status, Ordering::SeqCst);
+        let id = send_ok(
+            &a,
+            "b",
+            json!({"q": "nobody will take this", "status": status}),
         );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(
-        header_value(&found, "dmr-recipient").as_deref(),
-        Some("b"),
-        "dead-lettered message keeps its headers: {found}"
-    );
-    assert!(
-        hook.bodies().is_empty(),
-        "webhook accepted {:?}",
-        hook.bodies()
-    );
+        wait_until(10 * SECOND, "the webhook asked", || {
+            hook.attempts.load(Ordering::SeqCst) > i
+        });
+        ids.insert(id, status);
+    }
+    let dead = support::dead_letters(&world, NEVER.len(), 20 * SECOND);
+    assert_eq!(dead.len(), NEVER.len(), "DLQ of {}: {dead:?}", world.dlq());
+    for d in &dead {
+        let id = d.message_id.clone().unwrap_or_default();
+        let status = ids
+            .get(&id)
+            .unwrap_or_else(|| panic!("unexpected message {id} in the DLQ: {d:?}"));
+        let reason = d.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains(&status.to_string()) && reason.contains("local service"),
+            "{id} (answered {status}): x-dmr-reason {reason:?}"
+        );
+        assert_eq!(d.recipient.as_deref(), Some("b"), "headers kept: {d:?}");
+        assert_eq!(d.sender.as_deref(), Some("a"), "headers kept: {d:?}");
+    }
+    // One attempt each: a "never" is not retried, and spends no delivery limit.
     let attempts = hook.attempts.load(Ordering::SeqCst);
-    assert!(
-        attempts >= 2,
-        "the agent gave up after {attempts} webhook attempts"
-    );
+    assert_eq!(attempts, NEVER.len(), "webhook attempts");
+    assert!(hook.bodies().is_empty(), "webhook took {:?}", hook.bodies());
     assert_eq!(b.metric("dmr_agent_delivered_total"), 0.0);
+    assert_eq!(
+        b.metric("dmr_agent_dead_lettered_total"),
+        NEVER.len() as f64
+    );
+    assert_eq!(
+        b.metric("dmr_agent_webhook_up"),
+        1.0,
+        "an answer means it is up"
+    );
     assert!(
-        b.proc.log_text().contains("webhook failed"),
+        b.proc.log_text().contains("dead-lettering it"),
         "the agent should log why it refused the delivery"
     );
-    // Stop B, then check that its queue is empty: the message left it for the DLQ.
+    // Stop B, then check that its queue is empty: the messages left it for the DLQ.
     let mut b = b;
     b.proc.stop();
     let left = peek_queue(&world.queue("b"), 5, SECOND);
@@ -537,11 +552,10 @@ fn impostor_agent_never_receives_anything() {
 
     // Right id, wrong key: its own key pair, its own webhook.
     let impostor_key = world.dir.path().join("impostor.key");
-    std::fs::write(
+    write_private_key(
         &impostor_key,
-        dmr::crypto::SecretKey::generate().unwrap().to_pem(),
-    )
-    .unwrap();
+        &dmr::crypto::SecretKey::generate().unwrap().to_pem(),
+    );
     let impostor_hook = Webhook::start();
     let impostor_addr = loopback();
     let mut impostor = spawn_agent(
@@ -858,4 +872,62 @@ fn agent_without_deliver_url_leaves_messages_waiting() {
     );
     let got: BTreeSet<String> = id_counts(&hook).into_keys().collect();
     assert_eq!(got, ids);
+}
+
+// 11 --------------------------------------------------------------------------------------
+
+/// RFC 3339 for `age` before now (negative: in the future).
+fn timestamp_aged(age: time::Duration) -> String {
+    (time::OffsetDateTime::now_utc() - age)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// Freshness is checked where the sender can still be told: a `timestamp` outside the
+/// agent's window (`--message-ttl` back, the clock skew ahead) is refused with 400 naming
+/// the field and the window, instead of being sealed and dead-lettered on arrival.
+#[test]
+fn timestamps_outside_the_freshness_window_are_refused_at_the_api() {
+    let world = World::new("fresh", &["a", "b", "c"]);
+    let server = Server::start(&world, "server", &[]);
+    let a = AgentProc::start(&world, "a", &[&server], None, &[]);
+    let c = AgentProc::start(&world, "c", &[&server], None, &["--message-ttl", "60"]);
+    let send_at = |agent: &AgentProc, timestamp: &str| {
+        let body =
+            json!({"recipientId": "b", "timestamp": timestamp, "payload": {"at": timestamp}});
+        agent.post("/v1/messages", &body.to_string(), &[])
+    };
+    let assert_refused = |agent: &AgentProc, timestamp: &str, what: &str| {
+        let (status, v) = send_at(agent, timestamp);
+        assert_eq!(status, 400, "{what} ({timestamp}) → {status} {v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("timestamp") && e.contains("window"),
+            "{what}: the error should name the field and the window: {e:?}"
+        );
+        e.to_owned()
+    };
+
+    // Default window (--message-ttl 86400): years off either way are refused.
+    assert_refused(&a, "2020-01-01T00:00:00Z", "2020");
+    let ahead = assert_refused(&a, "2030-01-01T00:00:00Z", "2030");
+    assert!(ahead.contains("future"), "{ahead}");
+    // A minute old is fine, and is what the recipient will see.
+    let minute = timestamp_aged(time::Duration::minutes(1));
+    let (status, v) = send_at(&a, &minute);
+    assert_eq!(status, 202, "a minute-old timestamp: {v}");
+
+    // --message-ttl 60 (plus the clock skew): ten minutes old is too old.
+    let old = timestamp_aged(time::Duration::minutes(10));
+    let e = assert_refused(&c, &old, "10 minutes old under --message-ttl 60");
+    assert!(e.contains("--message-ttl"), "{e}");
+    let (status, v) = send_at(&c, &minute);
+    assert_eq!(
+        status, 202,
+        "a minute-old timestamp under --message-ttl 60: {v}"
+    );
+
+    // Only the two minute-old messages were sent.
+    assert_eq!(a.metric("dmr_agent_accepted_total"), 1.0);
+    assert_eq!(c.metric("dmr_agent_accepted_total"), 1.0);
 }

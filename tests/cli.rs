@@ -66,6 +66,8 @@ fn agent_help_lists_every_flag_with_env_var() {
         "deliver-url",
         "api-token",
         "ca-file",
+        "api-host",
+        "allow-no-token",
     ] {
         assert!(
             out.contains(&format!("--{flag}")),

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use dmr::crypto::{self, Challenge, CryptoError, PublicKey, SecretKey};
+use dmr::crypto::{self, Challenge, ChannelBinding, CryptoError, PublicKey, SecretKey};
 use dmr::protocol::{AgentId, Header, Kind, MessageId};
 
 fn header(sender: &str, recipient: &str) -> Header {
@@ -138,14 +138,33 @@ fn handshake_proof_accepts_the_key_holder_only() {
     let impostor = SecretKey::generate().unwrap();
     let id = AgentId::new("police").unwrap();
     let ch = Challenge::new().unwrap();
-    let mac = crypto::prove(&agent, &id, &ch.ephemeral_pk(), &ch.nonce()).unwrap();
-    assert!(ch.verify(&id, &agent.public_key(), &mac));
+    let unbound = ChannelBinding::Unbound;
+    let mac = crypto::prove(&agent, &id, &ch.ephemeral_pk(), &ch.nonce(), unbound).unwrap();
+    assert!(ch.verify(&id, &agent.public_key(), unbound, &mac));
     // Wrong key, wrong id, and a proof replayed against a fresh challenge are all refused.
-    let bad = crypto::prove(&impostor, &id, &ch.ephemeral_pk(), &ch.nonce()).unwrap();
-    assert!(!ch.verify(&id, &agent.public_key(), &bad));
-    assert!(!ch.verify(&AgentId::new("tax").unwrap(), &agent.public_key(), &mac));
+    let bad = crypto::prove(&impostor, &id, &ch.ephemeral_pk(), &ch.nonce(), unbound).unwrap();
+    assert!(!ch.verify(&id, &agent.public_key(), unbound, &bad));
+    let tax = AgentId::new("tax").unwrap();
+    assert!(!ch.verify(&tax, &agent.public_key(), unbound, &mac));
     let fresh = Challenge::new().unwrap();
-    assert!(!fresh.verify(&id, &agent.public_key(), &mac));
+    assert!(!fresh.verify(&id, &agent.public_key(), unbound, &mac));
+}
+
+#[test]
+fn a_channel_bound_proof_holds_for_its_channel_only() {
+    let agent = SecretKey::generate().unwrap();
+    let id = AgentId::new("police").unwrap();
+    let ch = Challenge::new().unwrap();
+    let (ours, theirs) = (ChannelBinding::Tls([1; 32]), ChannelBinding::Tls([2; 32]));
+    let mac = crypto::prove(&agent, &id, &ch.ephemeral_pk(), &ch.nonce(), ours).unwrap();
+    assert!(ch.verify(&id, &agent.public_key(), ours, &mac));
+    // Relayed onto another TLS connection, or presented where no binding is expected.
+    assert!(!ch.verify(&id, &agent.public_key(), theirs, &mac));
+    assert!(!ch.verify(&id, &agent.public_key(), ChannelBinding::Unbound, &mac));
+    // An unbound proof (the flag stripped on the way) is no good where binding is required.
+    let unbound = ChannelBinding::Unbound;
+    let stripped = crypto::prove(&agent, &id, &ch.ephemeral_pk(), &ch.nonce(), unbound).unwrap();
+    assert!(!ch.verify(&id, &agent.public_key(), ours, &stripped));
 }
 
 #[test]

@@ -25,8 +25,8 @@ use serde_json::{json, Value};
 
 use dmr::crypto::{self, SecretKey};
 use dmr::protocol::{
-    AgentEntry, AgentId, ClientFrame, Envelope, Header, Kind, Limits, MessageId, RejectCode,
-    ServerFrame, PROTOCOL_VERSION,
+    AgentId, ClientFrame, DirectoryDocument, DirectorySignature, Envelope, Header, Kind, Limits,
+    MessageId, RejectCode, ServerFrame, PROTOCOL_VERSION,
 };
 
 type Target = fn(&[u8]);
@@ -288,17 +288,22 @@ fn client_frame_seeds(k: &Keys) -> Vec<Vec<u8>> {
     .collect()
 }
 
-fn entries(k: &Keys) -> Vec<AgentEntry> {
+/// A directory as servers forward it: the agents file (signed) and CentOps (unsigned).
+fn entries(k: &Keys) -> Vec<DirectoryDocument> {
+    let entry = |id: &str, name: &str, key: &SecretKey| {
+        serde_json::json!({"id": id, "name": name,
+            "authentication_certificate": key.public_key().to_pem()})
+    };
+    let file = serde_json::json!({"response": [entry("police", "Politsei", &k.a)]});
+    let centops = serde_json::json!([entry("tax-board.ee_1", "Maksu- ja Tolliamet", &k.b)]);
     vec![
-        AgentEntry {
-            id: id("police"),
-            name: "Politsei".into(),
-            public_key: *k.a.public_key().as_bytes(),
+        DirectoryDocument {
+            json: file.to_string().into_bytes(),
+            signature: Some(DirectorySignature([5; 64])),
         },
-        AgentEntry {
-            id: id("tax-board.ee_1"),
-            name: "Maksu- ja Tolliamet".into(),
-            public_key: *k.b.public_key().as_bytes(),
+        DirectoryDocument {
+            json: centops.to_string().into_bytes(),
+            signature: None,
         },
     ]
 }
@@ -308,6 +313,7 @@ fn server_frame_seeds(k: &Keys) -> Vec<Vec<u8>> {
         ServerFrame::Challenge {
             ephemeral_pk: [1; 32],
             nonce: [2; 32],
+            tls_bound: true,
         },
         ServerFrame::Welcome {
             directory: entries(k),

@@ -257,19 +257,28 @@ fn the_audit_log_records_each_decision_with_metadata_only() {
         let mut b = TestClient::connect(&server.ws_url(), &ib.id, &ib.key)
             .await
             .unwrap();
-        a.send(ClientFrame::Send { envelope: sealed }).await;
-        expect_accepted(&a.answer_for(id).await);
+        // B's refusal first: reading its answer must not skip a delivery meant for B.
         let refused_id = refused.header().id;
         b.send(ClientFrame::Send { envelope: refused }).await;
         let reason = expect_rejected(&b.answer_for(refused_id).await, RejectCode::Forbidden);
         assert!(reason.contains("b-quiet"), "{reason}");
+        a.send(ClientFrame::Send { envelope: sealed }).await;
+        expect_accepted(&a.answer_for(id).await);
         let (d1, _) = b.next_delivery(20 * SECOND).await.expect("a delivery");
         b.send(ClientFrame::Nack {
             delivery: d1,
-            reason: "webhook down".into(),
+            reason: "refused by the local service: 400".into(),
         })
         .await;
-        let (d2, _) = b.next_delivery(20 * SECOND).await.expect("a redelivery");
+        // A Nack dead-letters; a second message is acked.
+        let second = envelope(ia, ib, b"second");
+        let second_id = second.header().id;
+        a.send(ClientFrame::Send { envelope: second }).await;
+        expect_accepted(&a.answer_for(second_id).await);
+        let (d2, _) = b
+            .next_delivery(20 * SECOND)
+            .await
+            .expect("a second delivery");
         b.send(ClientFrame::Ack { delivery: d2 }).await;
         wait_until(20 * SECOND, "the acked line", || {
             audit_lines(&audit).iter().any(|l| l["event"] == "acked")
@@ -278,7 +287,14 @@ fn the_audit_log_records_each_decision_with_metadata_only() {
 
     let lines = audit_lines(&audit);
     let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
-    for want in ["accepted", "refused", "delivered", "nacked", "acked"] {
+    for want in [
+        "accepted",
+        "refused",
+        "delivered",
+        "nacked",
+        "dead_lettered",
+        "acked",
+    ] {
         assert!(events.contains(&want), "no {want} in {events:?}");
     }
     assert_eq!(events.iter().filter(|e| **e == "delivered").count(), 2);
@@ -311,7 +327,15 @@ fn the_audit_log_records_each_decision_with_metadata_only() {
         .as_str()
         .unwrap()
         .starts_with("forbidden: "));
-    assert_eq!(line("nacked")["reason"], "webhook down");
+    assert_eq!(
+        line("nacked")["reason"],
+        "refused by the local service: 400"
+    );
+    assert_eq!(line("dead_lettered")["id"], id.to_string());
+    assert_eq!(
+        line("dead_lettered")["reason"],
+        "refused by the local service: 400"
+    );
 
     // Metadata only: neither the plaintext nor the ciphertext in any common encoding.
     let text = std::fs::read_to_string(&audit).unwrap();

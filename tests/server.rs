@@ -12,8 +12,8 @@ use async_tungstenite::tungstenite::Message;
 use dmr::crypto::{self, SecretKey};
 use dmr::protocol::{AgentId, ClientFrame, RejectCode, ServerFrame, PROTOCOL_VERSION};
 use support::{
-    envelope, expect_accepted, expect_rejected, http_call, http_get, peek_queue, Identity, Refused,
-    Server, TestClient, World,
+    dead_letters, directory_of, envelope, expect_accepted, expect_rejected, http_call, http_get,
+    peek_queue, Identity, Refused, Server, TestClient, World,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -212,11 +212,19 @@ fn impostors_are_refused_at_the_handshake() {
         let ServerFrame::Challenge {
             ephemeral_pk,
             nonce,
+            ..
         } = c.recv().await.unwrap()
         else {
             panic!("expected Challenge")
         };
-        let mac = crypto::prove(&wrong_key, &bob.id, &ephemeral_pk, &nonce).unwrap();
+        let mac = crypto::prove(
+            &wrong_key,
+            &bob.id,
+            &ephemeral_pk,
+            &nonce,
+            crypto::ChannelBinding::Unbound,
+        )
+        .unwrap();
         c.send(ClientFrame::Proof { mac }).await;
         let mut frames = Vec::new();
         while let Some(Ok(f)) = c.recv_within(2 * SECOND).await {
@@ -303,9 +311,9 @@ fn message_for_offline_agent_waits_in_its_queue_until_acked() {
 }
 
 #[test]
-fn nacked_message_reaches_the_dead_letter_queue_after_the_delivery_limit() {
+fn a_nack_dead_letters_the_message_at_once_with_its_reason() {
     let world = World::new("dlq", &["alice", "bob"]);
-    let server = Server::start(&world, "server", &["--delivery-limit", "2"]);
+    let server = Server::start(&world, "server", &["--delivery-limit", "5"]);
     let env = envelope(
         world.agent("alice"),
         world.agent("bob"),
@@ -320,29 +328,31 @@ fn nacked_message_reaches_the_dead_letter_queue_after_the_delivery_limit() {
         while let Some((delivery, got)) = b.next_delivery(3 * SECOND).await {
             assert_eq!(got.header().id, id);
             n += 1;
-            assert!(n <= 5, "delivered {n} times despite --delivery-limit 2");
             b.send(ClientFrame::Nack {
                 delivery,
-                reason: "webhook says no".into(),
+                reason: "refused by the local service: 400 Bad Request".into(),
             })
             .await;
         }
         hang_up(b).await;
         n
     });
-    // RabbitMQ dead-letters once the delivery count passes the limit: 2 or 3 deliveries.
-    assert!(
-        (2..=3).contains(&deliveries),
-        "delivered {deliveries} times with --delivery-limit 2"
-    );
-    let dead = peek_queue(&world.dlq(), 1, 10 * SECOND);
+    // A Nack means "never": no redelivery spends the delivery limit first.
+    assert_eq!(deliveries, 1, "delivered {deliveries} times");
+    let dead = dead_letters(&world, 1, 10 * SECOND);
     assert_eq!(dead.len(), 1, "the message did not reach {}", world.dlq());
     assert_eq!(dead[0].message_id.as_deref(), Some(id.to_string().as_str()));
+    assert_eq!(dead[0].sender.as_deref(), Some("alice"));
+    assert_eq!(
+        dead[0].reason.as_deref(),
+        Some("refused by the local service: 400 Bad Request")
+    );
     assert!(
         peek_queue(&world.queue("bob"), 5, SECOND).is_empty(),
         "the message is still in Bob's queue"
     );
-    assert_eq!(server.metric("dmr_server_nacks_total"), deliveries as f64);
+    assert_eq!(server.metric("dmr_server_nacks_total"), 1.0);
+    assert_eq!(server.metric("dmr_server_dead_lettered_total"), 1.0);
 }
 
 #[test]
@@ -475,7 +485,7 @@ fn directory_changes_reach_sessions() {
         assert!(reason.contains("removed"), "{reason}");
         let directory = loop {
             match a.recv_within(10 * SECOND).await {
-                Some(Ok(ServerFrame::Directory { directory })) => break directory,
+                Some(Ok(ServerFrame::Directory { directory })) => break directory_of(&directory),
                 Some(Ok(_)) => continue,
                 other => panic!("Alice got no Directory frame: {other:?}"),
             }
@@ -506,7 +516,7 @@ fn directory_changes_reach_sessions() {
             .await
             .expect("the new key works");
         let entry = a.directory.iter().find(|e| e.id == alice.id).unwrap();
-        assert_eq!(&entry.public_key, new_key.public_key().as_bytes());
+        assert_eq!(entry.public_key, new_key.public_key());
         match TestClient::connect(&url, &alice.id, &alice.key).await {
             Err(Refused::Closed(reason)) => assert!(reason.contains("proof"), "{reason}"),
             other => panic!(

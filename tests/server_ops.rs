@@ -79,6 +79,8 @@ fn agents_talk_over_wss_with_a_private_ca() {
             &wss,
             "--listen",
             &free_addr().to_string(),
+            "--state-dir",
+            &d.join("state-no-ca").display().to_string(),
         ]
         .map(String::from),
         d,
@@ -89,6 +91,72 @@ fn agents_talk_over_wss_with_a_private_ca() {
         || untrusting.log_text().to_lowercase().contains("certificate"),
     );
     assert!(untrusting.is_running());
+}
+
+/// An https:// CentOps signed by a private CA: trusted with --centops-ca-file, refused
+/// (certificate error, no directory) without it.
+#[test]
+fn centops_over_https_with_a_private_ca() {
+    let world = World::new("centops-tls", &["a"]);
+    let d = world.dir.path();
+    let (cert, key) = make_ca_and_leaf(d);
+    let ca = d.join("ca.crt");
+    let acceptor = dmr::transport::server_tls(&cert, &key).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = centops_json(&world, &["a"]);
+    std::thread::spawn(move || {
+        let listener = smol::net::TcpListener::try_from(listener).unwrap();
+        smol::block_on(dmr::http::serve(
+            listener,
+            Some(acceptor),
+            move |_req, _| {
+                let text = body.clone();
+                async move { dmr::http::text(hyper::StatusCode::OK, "application/json", text) }
+            },
+            std::future::pending(),
+        ));
+    });
+    let url = format!("https://localhost:{port}/agents");
+    let centops_only = |name: &str, extra: &[&str]| {
+        let addr = free_addr();
+        let mut args: Vec<String> = [
+            "run",
+            "--listen",
+            &addr.to_string(),
+            "--amqp-url",
+            AMQP_URL,
+            "--centops-url",
+            &url,
+            "--queue-prefix",
+            &world.prefix,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server {
+            proc: Proc::spawn(name, SERVER_BIN, &args, d),
+            addr,
+        }
+    };
+    let mut trusting = centops_only(
+        "server-centops-ca",
+        &["--centops-ca-file", ca.to_str().unwrap()],
+    );
+    trusting.wait_ready();
+    let a = world.agent("a");
+    assert!(smol::block_on(TestClient::connect(&trusting.ws_url(), &a.id, &a.key)).is_ok());
+    drop(trusting);
+
+    let untrusting = centops_only("server-centops-webpki", &[]);
+    wait_until(Duration::from_secs(20), "a certificate error", || {
+        untrusting
+            .proc
+            .log_text()
+            .to_lowercase()
+            .contains("certificate")
+    });
+    assert_eq!(http_get(untrusting.addr, "/readyz").map(|r| r.0), Some(503));
 }
 
 /// A private CA and a `localhost` server certificate it signed (webpki refuses a

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use dmr::crypto::{self, SecretKey};
 use dmr::protocol::{
-    AgentEntry, ClientFrame, Envelope, Header, Kind, Limits, MessageId, ServerFrame,
+    ClientFrame, DirectoryDocument, Envelope, Header, Kind, Limits, MessageId, ServerFrame,
 };
 use support::{
     agent_args, free_port, http_get, wait_until, AgentProc, Proc, Server, Webhook, World, AGENT_BIN,
@@ -401,15 +401,21 @@ impl FakeRelay {
     fn start(world: &World) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let directory: Vec<AgentEntry> = world
+        let entries: Vec<serde_json::Value> = world
             .agents
             .iter()
-            .map(|a| AgentEntry {
-                id: a.id.clone(),
-                name: a.id.to_string(),
-                public_key: *a.key.public_key().as_bytes(),
+            .map(|a| {
+                serde_json::json!({
+                    "id": a.id,
+                    "name": a.id.to_string(),
+                    "authentication_certificate": a.key.public_key().to_pem(),
+                })
             })
             .collect();
+        let directory = vec![DirectoryDocument {
+            json: serde_json::to_vec(&serde_json::json!({ "response": entries })).unwrap(),
+            signature: None,
+        }];
         let (orders, orders_rx) = async_channel::unbounded::<ServerFrame>();
         let (answers_tx, answers) = async_channel::unbounded::<ClientFrame>();
         std::thread::spawn(move || {
@@ -424,6 +430,7 @@ impl FakeRelay {
                 let challenge = ServerFrame::Challenge {
                     ephemeral_pk: [9; 32],
                     nonce: [7; 32],
+                    tls_bound: false,
                 };
                 let _ = tx.send(Message::binary(challenge.encode())).await;
                 let Some(ClientFrame::Proof { .. }) = next(&mut rx).await else {

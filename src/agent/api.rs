@@ -2,6 +2,14 @@
 //!
 //! Bodies are shaped like the existing Bürokratt DMR agent's. Every refusal is a JSON
 //! `{"error": …}` that names the field or condition at fault.
+//!
+//! A web page open on the agent's machine must not be able to drive the API, so before
+//! anything else: a `Host` the API does not answer to gets `421` (DNS rebinding; see
+//! [`super::hosts`]), then a missing or wrong token `401`, then a `POST` whose body is not
+//! declared `application/json` `415` — a page can send `text/plain` without asking, but
+//! `application/json` across origins needs a CORS preflight, which this API never grants.
+//! `/healthz`, `/readyz` and `/metrics` skip the `Host` check: probes and scrapers use
+//! whatever name reaches them, and these paths change nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::bodies::{check_fresh, now_ms, Sealed, SendRequest};
+use super::hosts::AllowedHosts;
 use super::outbox::{dispatch, Dispatched};
 use super::Agent;
 use crate::crypto;
@@ -20,12 +29,28 @@ use crate::protocol::{Envelope, Header, RejectCode};
 /// the headers the same 10 s), so a stalled upload cannot hold a connection forever.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn route(
+    agent: Arc<Agent>,
+    hosts: Arc<AllowedHosts>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    if !probe {
+        if let Err(why) = check_host(&hosts, &req) {
+            return http::error(StatusCode::MISDIRECTED_REQUEST, why);
+        }
+    }
     if path.starts_with("/v1/") && !authorized(&agent, &req) {
         return http::error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (Authorization: Bearer …)",
+        );
+    }
+    if req.method() == Method::POST && !probe && !json_body(&req) {
+        return http::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
         );
     }
     match (req.method(), path.as_str()) {
@@ -37,6 +62,10 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
         (&Method::GET, "/v1/health") => health(&agent),
         (&Method::GET, "/healthz") => http::text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => ready(&agent),
+        (&Method::GET, "/metrics") if agent.config.metrics_listen.is_some() => http::error(
+            StatusCode::NOT_FOUND,
+            "metrics are served on --metrics-listen",
+        ),
         (&Method::GET, "/metrics") => http::text(
             StatusCode::OK,
             crate::metrics::CONTENT_TYPE,
@@ -53,10 +82,37 @@ pub(super) async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response
     }
 }
 
+/// Why the request does not name this API (answered `421`): in `Host`, or without one in
+/// an absolute URI.
+fn check_host(hosts: &AllowedHosts, req: &Request<Incoming>) -> Result<(), &'static str> {
+    let host = match req.headers().get(hyper::header::HOST) {
+        Some(v) => v.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    match host {
+        Some(h) if hosts.allows(h) => Ok(()),
+        Some(_) => Err(
+            "the Host header names neither this API's address nor localhost on \
+             its port (the agent's --api-host adds names)",
+        ),
+        None => Err("no Host header"),
+    }
+}
+
+/// True when `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
+fn json_body(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
 fn authorized(agent: &Agent, req: &Request<Incoming>) -> bool {
     let Some(token) = &agent.config.api_token else {
         return true;
     };
+    let token = token.expose();
     let given = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -76,7 +132,13 @@ fn agents(agent: &Agent) -> Response<Body> {
     let list: Vec<Value> = agent
         .directory()
         .iter()
-        .map(|a| serde_json::json!({"id": a.id, "name": a.name}))
+        .map(|a| {
+            let mut v = serde_json::json!({"id": a.id, "name": a.name});
+            if agent.trust.key_change(&a.id).is_some() {
+                v["keyChanged"] = true.into();
+            }
+            v
+        })
         .collect();
     http::json(StatusCode::OK, &Value::Array(list))
 }
@@ -95,24 +157,31 @@ fn health(agent: &Agent) -> Response<Body> {
     )
 }
 
-/// Ready = connected and authenticated to a server. A failing local service does not make
-/// the agent unready (it can still send, and holds deliveries), but the body says so.
+/// Ready = connected and authenticated to a server, with a directory this agent trusts. A
+/// failing local service does not make the agent unready (it can still send, and holds
+/// deliveries), but the body says so.
 fn ready(agent: &Agent) -> Response<Body> {
-    let connected = agent.link().is_some();
+    let linked = agent.link().is_some();
+    let no_directory = agent.trust.missing_reason();
     let webhook = match agent.webhook.health.outage() {
         None => serde_json::json!({"up": true}),
         Some((secs, reason)) => {
             serde_json::json!({"up": false, "downForSeconds": secs, "reason": reason})
         }
     };
-    let status = match connected {
+    let ready = linked && no_directory.is_none();
+    let status = match ready {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,
     };
+    let reason = match (linked, no_directory) {
+        (false, _) => Some("not connected to a server".to_owned()),
+        (true, reason) => reason,
+    };
     let body = serde_json::json!({
-        "ready": connected,
-        "connected": connected,
-        "reason": (!connected).then_some("not connected to a server"),
+        "ready": ready,
+        "connected": linked,
+        "reason": reason,
         "webhook": webhook,
     });
     http::json(status, &body)
@@ -251,9 +320,21 @@ async fn deliver(agent: &Agent, r: SendRequest) -> Result<&'static str, Refusal>
 /// Seals the request to the recipient's current key, within the server's size limit.
 fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
     let Some(recipient) = agent.directory().get(&r.recipient).cloned() else {
+        if let Some(reason) = agent.trust.missing_reason() {
+            return Err(unavailable(reason));
+        }
         let e = format!("recipientId: unknown agent {}", r.recipient);
         return Err(refuse(StatusCode::NOT_FOUND, e));
     };
+    if let Some(change) = agent.trust.key_change(&r.recipient) {
+        let e = format!(
+            "recipientId: the key of agent {} changed and is not confirmed, so nothing is \
+             sealed to it: {}",
+            r.recipient,
+            change.describe(&r.recipient, agent.state.dir())
+        );
+        return Err(refuse(StatusCode::CONFLICT, e));
+    }
     let plaintext = Sealed::of(&r).to_plaintext();
     let header = Header {
         id: r.id,

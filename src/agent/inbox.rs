@@ -2,20 +2,18 @@
 //! `Ack` — or, for a message that can never be delivered, `Nack` with the reason, which the
 //! relay turns into a dead-lettered copy carrying that reason.
 //!
-//! Nothing is acknowledged before the local service took it (2xx) or it is known to be a
-//! copy of something it already took.
+//! Nothing is acknowledged before the local service took it (2xx) and that is recorded on
+//! disk (the [`super::replay`] guard), or it is known to be a copy of something it took.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::bodies::{check_fresh, now_ms, webhook_body, Sealed, Stale, CLOCK_SKEW_MS};
-use super::replay::Verdict;
+use super::bodies::{check_fresh, now_ms, webhook_body, Sealed, Stale};
 use super::webhook::WebhookError;
 use super::Agent;
 use crate::crypto;
-use crate::protocol::{AgentId, ClientFrame, Envelope, MessageId};
-use crate::sync::lock;
+use crate::protocol::{AgentId, ClientFrame, Envelope};
 
 /// How long a message from a sender not (yet) in our directory waits for a directory update.
 const UNKNOWN_SENDER_GRACE: Duration = Duration::from_secs(2);
@@ -33,6 +31,9 @@ pub(super) enum DeliveryError {
     Stale(Stale),
     /// The envelope does not open with our key and the sender's (tampered or wrong keys).
     Unopenable(String),
+    /// It does not open under the sender's pinned key, and the directory offers another
+    /// key for the sender that no operator has confirmed (text: what to do).
+    KeyChanged { sender: AgentId, detail: String },
     /// It opened, but the plaintext is not the JSON the sender's agent seals.
     NotJson(String),
     /// The local service refused it with an answer that means "never".
@@ -46,6 +47,11 @@ impl fmt::Display for DeliveryError {
             Self::UnknownSender(s) => write!(f, "sender {s} is not in the directory"),
             Self::Stale(e) => write!(f, "stale: {e}"),
             Self::Unopenable(e) => write!(f, "unopenable: {e}"),
+            Self::KeyChanged { sender, detail } => write!(
+                f,
+                "unopenable under the pinned key of {sender}, whose key changed and is not \
+                 confirmed: {detail}; once confirmed, replay it from the DLQ"
+            ),
             Self::NotJson(e) => write!(f, "decrypted payload is not JSON: {e}"),
             Self::Refused(e) => write!(f, "refused by the local service: {e}"),
         }
@@ -53,6 +59,24 @@ impl fmt::Display for DeliveryError {
 }
 
 impl std::error::Error for DeliveryError {}
+
+/// Why a delivery gets no answer now: nothing may be acked before its record is durable,
+/// and nothing deliverable may be dead-lettered for a local disk problem. The server
+/// returns it to the queue when this connection ends.
+struct Hold(String);
+
+/// How a delivery attempt ended, short of an `Ack`.
+enum Failure {
+    /// Never deliverable: `Nack`, so the relay dead-letters it with the reason.
+    Never(DeliveryError),
+    Hold(Hold),
+}
+
+impl From<DeliveryError> for Failure {
+    fn from(e: DeliveryError) -> Self {
+        Self::Never(e)
+    }
+}
 
 /// Handles one `Deliver`, answering on the link it came from.
 pub(super) async fn handle(
@@ -81,7 +105,14 @@ pub(super) async fn handle(
     let _permit = agent.deliveries.acquire().await;
     let answer = match process(&agent, &envelope, &url).await {
         Ok(()) => ClientFrame::Ack { delivery },
-        Err(e) => {
+        Err(Failure::Hold(Hold(why))) => {
+            return log::error!(
+                "message {} from {}: not acknowledged: {why}",
+                h.id,
+                h.sender
+            )
+        }
+        Err(Failure::Never(e)) => {
             log::warn!(
                 "message {} from {} cannot be delivered, dead-lettering it: {e}",
                 h.id,
@@ -99,46 +130,50 @@ pub(super) async fn handle(
     }
 }
 
-async fn process(
-    agent: &Agent,
-    envelope: &Envelope,
-    url: &hyper::Uri,
-) -> Result<(), DeliveryError> {
+async fn process(agent: &Agent, envelope: &Envelope, url: &hyper::Uri) -> Result<(), Failure> {
     let h = envelope.header();
     if h.recipient != agent.config.id {
-        return Err(DeliveryError::NotForMe(h.recipient.clone()));
+        return Err(DeliveryError::NotForMe(h.recipient.clone()).into());
     }
-    let ttl = agent.config.message_ttl_ms;
-    if let Err(e) = check_fresh(h.created_at_ms, ttl, now_ms()) {
+    if let Err(e) = check_fresh(h.created_at_ms, agent.config.message_ttl_ms, now_ms()) {
         agent.metrics.stale.inc();
-        return Err(DeliveryError::Stale(e));
+        return Err(DeliveryError::Stale(e).into());
     }
-    if !claim(agent, h.id).await {
+    let fresh = agent
+        .recorder
+        .claim(&h.sender, h.id)
+        .await
+        .map_err(|e| Failure::Hold(Hold(format!("replay guard unreadable: {e}"))))?;
+    if !fresh {
+        agent.metrics.duplicates.inc();
+        log::debug!(
+            "message {} from {} already delivered; acknowledging the copy",
+            h.id,
+            h.sender
+        );
         return Ok(());
     }
-    let result = open_and_post(agent, envelope, url).await;
-    let keep_until = h
-        .created_at_ms
-        .saturating_add(ttl.saturating_add(2 * CLOCK_SKEW_MS));
-    lock(&agent.replay).finish(h.id, result.is_ok(), keep_until);
-    result
+    if let Err(e) = open_and_post(agent, envelope, url).await {
+        agent.recorder.release(&h.sender, h.id);
+        return Err(e.into());
+    }
+    agent
+        .recorder
+        .delivered(&h.sender, h.id, h.created_at_ms)
+        .await
+        .map_err(|e| Failure::Hold(Hold(format!("delivered, but not recorded: {e}"))))?;
+    #[cfg(feature = "test-support")]
+    crash_after_record_for_tests();
+    Ok(())
 }
 
-/// Marks `id` as being delivered by this task, first waiting out another copy's attempt;
-/// `false` when a copy was delivered already (so this one is only acknowledged).
-async fn claim(agent: &Agent, id: MessageId) -> bool {
-    loop {
-        // Bound first, so that the lock is released before waiting.
-        let verdict = lock(&agent.replay).begin(id, now_ms());
-        match verdict {
-            Verdict::Fresh => return true,
-            Verdict::Delivered => {
-                agent.metrics.duplicates.inc();
-                log::debug!("message {id} already delivered; acknowledging the copy");
-                return false;
-            }
-            Verdict::Busy(attempt) => attempt.finished().await,
-        }
+/// For the crash tests: with `DMR_TEST_ABORT_AFTER_RECORD` set, the process dies right
+/// after a delivery was recorded, before its `Ack` — what a SIGKILL at the worst moment does.
+#[cfg(feature = "test-support")]
+fn crash_after_record_for_tests() {
+    if std::env::var_os("DMR_TEST_ABORT_AFTER_RECORD").is_some() {
+        log::warn!("DMR_TEST_ABORT_AFTER_RECORD: aborting before the Ack");
+        std::process::abort();
     }
 }
 
@@ -177,8 +212,21 @@ pub(super) async fn open(
             known.ok_or_else(|| DeliveryError::UnknownSender(h.sender.clone()))?
         }
     };
-    let payload = crypto::open(&agent.key, &sender.public_key, envelope)
-        .map_err(|e| DeliveryError::Unopenable(e.to_string()))
+    // During a key rotation, messages sealed to the previous key still arrive for a while.
+    let opened = crypto::open(&agent.key, &sender.public_key, envelope).or_else(|e| {
+        match &agent.previous_key {
+            Some(old) => crypto::open(old, &sender.public_key, envelope).map_err(|_| e),
+            None => Err(e),
+        }
+    });
+    let payload = opened
+        .map_err(|e| match agent.trust.key_change(&h.sender) {
+            Some(change) => DeliveryError::KeyChanged {
+                sender: h.sender.clone(),
+                detail: change.describe(&h.sender, agent.state.dir()),
+            },
+            None => DeliveryError::Unopenable(e.to_string()),
+        })
         .and_then(|plaintext| {
             serde_json::from_slice(&plaintext).map_err(|e| DeliveryError::NotJson(e.to_string()))
         });

@@ -3,6 +3,11 @@
 //!
 //! Sends still waiting for an answer when a connection ends are re-sent, unchanged, on the
 //! next one: the recipient drops the copy if the first had reached RabbitMQ after all.
+//!
+//! The server is not trusted with the agent's resources: frames are read up to the agent's
+//! own limit whatever `Welcome` announces, and `Deliver` frames are handled by at most
+//! [`MAX_PENDING_DELIVERIES`] tasks at once; past that the read loop waits, so a flood
+//! slows the connection down instead of growing the agent.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,11 +17,12 @@ use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 
 use super::outbox::Outcome;
-use super::{inbox, Agent, Link, DEFAULT_MAX_MESSAGE};
+use super::{inbox, trust, Agent, Link, AGENT_MAX_MESSAGE};
 use crate::config::ConfigError;
-use crate::crypto;
-use crate::directory::Directory;
-use crate::protocol::{ClientFrame, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION};
+use crate::crypto::{self, ChannelBinding};
+use crate::protocol::{
+    ClientFrame, DirectoryDocument, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
+};
 use crate::sync::{lock, write};
 use crate::transport::{self, Stream};
 use crate::wait::{with_timeout, Backoff};
@@ -24,6 +30,11 @@ use crate::wait::{with_timeout, Backoff};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `Deliver` frames being handled (waiting for a delivery slot, opening, posting to the
+/// webhook) at once, over all connections. An honest server has at most its `--prefetch`
+/// (default 64) unacknowledged deliveries out, so this only ever stops a flood.
+pub(super) const MAX_PENDING_DELIVERIES: usize = 256;
 
 type Sender = async_tungstenite::WebSocketSender<Stream>;
 type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
@@ -166,11 +177,13 @@ fn warn_plain_text(servers: &[ServerUrl]) {
 }
 
 async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End {
-    let (mut tx, mut rx) = match with_timeout(HANDSHAKE_TIMEOUT, open(agent, server)).await {
-        Some(Ok(ws)) => ws,
-        Some(Err(e)) => return End::Failed(e),
-        None => return End::Failed(LinkError::HandshakeTimeout),
-    };
+    let (mut tx, mut rx, documents) =
+        match with_timeout(HANDSHAKE_TIMEOUT, open(agent, server)).await {
+            Some(Ok(ws)) => ws,
+            Some(Err(e)) => return End::Failed(e),
+            None => return End::Failed(LinkError::HandshakeTimeout),
+        };
+    trust::accept(agent, documents).await;
     let (frames, out) = async_channel::bounded::<ClientFrame>(1024);
     *lock(&agent.link) = Some(Link {
         generation,
@@ -196,28 +209,50 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
     End::Lost(reason)
 }
 
-/// Dials, upgrades and authenticates; returns the socket halves after `Welcome`.
-async fn open(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
-    let (mut tx, mut rx) = upgrade(agent, server).await?;
-    authenticate(agent, &mut tx, &mut rx).await?;
-    Ok((tx, rx))
+/// Dials, upgrades and authenticates; returns the socket halves after `Welcome`, and the
+/// directory documents it carried (not yet checked).
+async fn open(
+    agent: &Agent,
+    server: &ServerUrl,
+) -> Result<(Sender, Receiver, Vec<DirectoryDocument>), LinkError> {
+    let (mut tx, mut rx, channel) = upgrade(agent, server).await?;
+    let documents = authenticate(agent, channel, &mut tx, &mut rx).await?;
+    Ok((tx, rx, documents))
 }
 
-async fn upgrade(agent: &Agent, server: &ServerUrl) -> Result<(Sender, Receiver), LinkError> {
+/// The WebSocket's halves and the TLS channel a handshake proof on it would be bound to.
+async fn upgrade(
+    agent: &Agent,
+    server: &ServerUrl,
+) -> Result<(Sender, Receiver, ChannelBinding), LinkError> {
     let tls = if server.tls { agent.tls.as_ref() } else { None };
     let stream = transport::dial(&server.host, server.port, tls)
         .await
         .map_err(|e| LinkError::Connect(e.to_string()))?;
-    let cfg = transport::ws_config(agent.max_message_bytes());
+    let channel = stream
+        .channel_binding()
+        .map_err(|e| LinkError::Connect(format!("no TLS exporter: {e}")))?;
+    // Our own limit, not the server's: a server cannot make us buffer more than we chose.
+    let cfg = transport::ws_config(AGENT_MAX_MESSAGE);
     let (ws, _) =
         async_tungstenite::client_async_with_config(server.url.as_str(), stream, Some(cfg))
             .await
             .map_err(|e| LinkError::Upgrade(e.to_string()))?;
-    Ok(ws.split())
+    let (tx, rx) = ws.split();
+    Ok((tx, rx, channel))
 }
 
-/// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the directory and limits `Welcome` carries.
-async fn authenticate(agent: &Agent, tx: &mut Sender, rx: &mut Receiver) -> Result<(), LinkError> {
+/// `Hello`, `Challenge`, `Proof`, `Welcome`; keeps the limits `Welcome` carries and returns
+/// its directory documents.
+///
+/// The proof is bound to our TLS connection when the challenge asks for it (the server
+/// terminates TLS); see `crypto::ChannelBinding` for the rule.
+async fn authenticate(
+    agent: &Agent,
+    channel: ChannelBinding,
+    tx: &mut Sender,
+    rx: &mut Receiver,
+) -> Result<Vec<DirectoryDocument>, LinkError> {
     let id = agent.config.id.clone();
     let hello = ClientFrame::Hello {
         version: PROTOCOL_VERSION,
@@ -227,19 +262,30 @@ async fn authenticate(agent: &Agent, tx: &mut Sender, rx: &mut Receiver) -> Resu
     let ServerFrame::Challenge {
         ephemeral_pk,
         nonce,
+        tls_bound,
     } = recv(rx).await?
     else {
         return Err(LinkError::Unexpected("expected Challenge"));
     };
-    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce)
+    let binding = match (tls_bound, channel) {
+        (true, ChannelBinding::Tls(_)) => channel,
+        // No honest server asks for a TLS binding on a connection that has no TLS.
+        (true, ChannelBinding::Unbound) => {
+            return Err(LinkError::Unexpected(
+                "the challenge asks for a TLS-bound proof on a plain ws:// connection",
+            ))
+        }
+        // The server speaks plain WebSocket (behind a TLS ingress, or ws://).
+        (false, _) => ChannelBinding::Unbound,
+    };
+    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce, binding)
         .map_err(|e| LinkError::Proof(e.to_string()))?;
     send(tx, ClientFrame::Proof { mac }).await?;
     let ServerFrame::Welcome { directory, limits } = recv(rx).await? else {
         return Err(LinkError::Unexpected("expected Welcome"));
     };
-    *write(&agent.directory) = Arc::new(Directory::from_entries(&directory));
     *write(&agent.limits) = Some(limits);
-    Ok(())
+    Ok(directory)
 }
 
 async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
@@ -250,7 +296,7 @@ async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
 
 /// Reads one handshake frame; a close frame's reason is the server's refusal.
 async fn recv(rx: &mut Receiver) -> Result<ServerFrame, LinkError> {
-    match next_frame(rx, DEFAULT_MAX_MESSAGE + FRAME_OVERHEAD).await {
+    match next_frame(rx, AGENT_MAX_MESSAGE + FRAME_OVERHEAD).await {
         Err(LinkError::Closed(Some(reason))) => Err(LinkError::Refused { reason }),
         other => other,
     }
@@ -283,7 +329,12 @@ async fn read_loop(
     loop {
         let max = agent.max_message_bytes() + FRAME_OVERHEAD;
         let handled = match next_frame(rx, max).await {
-            Ok(frame) => dispatch(agent, frame, generation, frames),
+            // Checked and applied in order, before the next frame.
+            Ok(ServerFrame::Directory { directory }) => {
+                trust::accept(agent, directory).await;
+                Ok(())
+            }
+            Ok(frame) => dispatch(agent, frame, generation, frames).await,
             Err(e) => Err(e),
         };
         if let Err(e) = handled {
@@ -292,7 +343,7 @@ async fn read_loop(
     }
 }
 
-fn dispatch(
+async fn dispatch(
     agent: &Arc<Agent>,
     frame: ServerFrame,
     generation: u64,
@@ -304,17 +355,18 @@ fn dispatch(
             agent.outbox.settle(id, Outcome::Rejected(code, reason))
         }
         ServerFrame::Deliver { delivery, envelope } => {
+            // Taken before spawning: with every slot busy the read loop stops reading, and
+            // TCP pushes back on the server.
+            let slot = agent.pending_deliveries.acquire_arc().await;
             let (agent, frames) = (agent.clone(), frames.clone());
             smol::spawn(async move {
-                inbox::handle(agent, generation, frames, delivery, envelope).await
+                inbox::handle(agent, generation, frames, delivery, envelope).await;
+                drop(slot);
             })
             .detach();
         }
-        ServerFrame::Directory { directory } => {
-            let d = Directory::from_entries(&directory);
-            log::info!("directory update: {} agents", d.len());
-            *write(&agent.directory) = Arc::new(d);
-        }
+        // `read_loop` applies directories itself (they must be awaited, in order).
+        ServerFrame::Directory { .. } => {}
         ServerFrame::Notice {
             delivery,
             id,

@@ -1,79 +1,146 @@
-//! The replay guard: remembers which message ids were delivered to the local service, so a
-//! redelivery from RabbitMQ (at-least-once) or a replayed envelope never reaches it twice.
+//! The replay guard: which (sender, message id) pairs reached the local service, so a
+//! redelivery from RabbitMQ (at-least-once) or a replayed envelope never reaches it twice —
+//! also after a crash or a restart, because the record is in the state dir
+//! ([`crate::state`]) and is durable before the agent acks.
 //!
-//! Memory only: ids are kept for the queue TTL plus clock skew, which is as long as
-//! RabbitMQ can hold a copy. A crash between the webhook's 2xx and the `Ack` can still
-//! repeat one message after restart; the webhook body's `id` lets the service drop it.
+//! A durable commit costs a disk sync (≈ 2 ms), so records are group-committed: the
+//! [`record`] task takes every record waiting on its channel, commits them in one
+//! transaction on a blocking thread, then wakes each waiting delivery, which only then
+//! sends its `Ack`. Under load a commit carries many records; alone, one.
+//!
+//! Entries are kept while a copy could still pass the freshness check (`--message-ttl`
+//! plus clock skew; older copies are refused as stale anyway): [`expire`] removes older ones
+//! every minute, so the store does not grow with traffic.
 
-use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::protocol::MessageId;
+use super::bodies::{now_ms, CLOCK_SKEW_MS};
+use super::Agent;
+use crate::protocol::{AgentId, MessageId};
+use crate::state::{ReplayVerdict, State, StateError};
+use crate::wait::Backoff;
 
-/// What to do with an incoming id.
-#[derive(Debug)]
-pub(super) enum Verdict {
-    /// Never seen: deliver it (the id is now marked busy).
-    Fresh,
-    /// Already delivered: just acknowledge.
-    Delivered,
-    /// Another copy is being delivered right now: wait for [`Attempt::finished`], then ask
-    /// again.
-    Busy(Attempt),
+/// How often delivered records past the window are removed.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// Records committed in one transaction at most (a bound on one commit's time).
+const MAX_BATCH: usize = 4096;
+
+/// One delivery waiting for its record to be durable.
+struct Pending {
+    sender: AgentId,
+    id: MessageId,
+    created_at_ms: u64,
+    done: async_channel::Sender<Result<(), String>>,
 }
 
-/// A delivery attempt in progress, as seen by a copy waiting for it to end.
-#[derive(Debug)]
-pub(super) struct Attempt(async_channel::Receiver<()>);
-
-impl Attempt {
-    /// Resolves once the attempt has finished, delivered or not.
-    pub(super) async fn finished(self) {
-        // Nothing is ever sent: `recv` returns when `Guard::finish` drops the sender.
-        let _ = self.0.recv().await;
-    }
+/// The deliveries' side of the group commit.
+pub(super) struct Recorder {
+    state: Arc<State>,
+    tx: async_channel::Sender<Pending>,
+    rx: async_channel::Receiver<Pending>,
 }
 
-/// An attempt's two channel ends: the sender is dropped when it finishes, which wakes
-/// every waiting copy.
-type InFlight = (async_channel::Sender<()>, async_channel::Receiver<()>);
-
-/// Ids delivered within the window, and ids being delivered now.
-#[derive(Default)]
-pub(super) struct Guard {
-    delivered: HashMap<MessageId, u64>,
-    order: VecDeque<(u64, MessageId)>,
-    busy: HashMap<MessageId, InFlight>,
-}
-
-impl Guard {
-    /// Classifies `id`; a `Fresh` id is marked busy until [`Guard::finish`].
-    pub(super) fn begin(&mut self, id: MessageId, now_ms: u64) -> Verdict {
-        self.expire(now_ms);
-        if self.delivered.contains_key(&id) {
-            return Verdict::Delivered;
-        }
-        if let Some((_, wait)) = self.busy.get(&id) {
-            return Verdict::Busy(Attempt(wait.clone()));
-        }
-        self.busy.insert(id, async_channel::bounded(1));
-        Verdict::Fresh
+impl Recorder {
+    pub(super) fn new(state: Arc<State>) -> Self {
+        let (tx, rx) = async_channel::unbounded();
+        Self { state, tx, rx }
     }
 
-    /// Ends a delivery attempt; a delivered id is remembered until `keep_until_ms`.
-    pub(super) fn finish(&mut self, id: MessageId, delivered: bool, keep_until_ms: u64) {
-        self.busy.remove(&id);
-        if delivered && self.delivered.insert(id, keep_until_ms).is_none() {
-            self.order.push_back((keep_until_ms, id));
-        }
-    }
-
-    fn expire(&mut self, now_ms: u64) {
-        while let Some(&(until, id)) = self.order.front() {
-            if until > now_ms {
-                break;
+    /// Marks (sender, id) as being delivered by the caller, first waiting out another
+    /// copy's attempt; `Ok(false)` when a copy was delivered already (so this one is only
+    /// acknowledged).
+    pub(super) async fn claim(&self, sender: &AgentId, id: MessageId) -> Result<bool, StateError> {
+        // A copy in flight ends within one webhook attempt cycle; checking again with a
+        // growing pause keeps this cheap without a wake-up per message.
+        let mut busy = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        loop {
+            match self.state.check_and_mark_in_flight(sender, id)? {
+                ReplayVerdict::Fresh => return Ok(true),
+                ReplayVerdict::Delivered => return Ok(false),
+                ReplayVerdict::Busy => busy.wait().await,
             }
-            self.order.pop_front();
-            self.delivered.remove(&id);
+        }
+    }
+
+    /// Ends an attempt that did not deliver (the message comes again, or is dead-lettered).
+    pub(super) fn release(&self, sender: &AgentId, id: MessageId) {
+        self.state.release(sender, id);
+    }
+
+    /// Records (sender, id) as delivered; returns once the record is on disk.
+    pub(super) async fn delivered(
+        &self,
+        sender: &AgentId,
+        id: MessageId,
+        created_at_ms: u64,
+    ) -> Result<(), String> {
+        let (done, wait) = async_channel::bounded(1);
+        let pending = Pending {
+            sender: sender.clone(),
+            id,
+            created_at_ms,
+            done,
+        };
+        if self.tx.send(pending).await.is_err() {
+            self.state.release(sender, id);
+            return Err("the agent is stopping".into());
+        }
+        wait.recv()
+            .await
+            .unwrap_or_else(|_| Err("the agent is stopping".into()))
+    }
+}
+
+/// The group-commit loop; runs for the agent's lifetime.
+pub(super) async fn record(agent: Arc<Agent>) {
+    group_commit(&agent.recorder).await
+}
+
+async fn group_commit(recorder: &Recorder) {
+    while let Ok(first) = recorder.rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match recorder.rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<_> = batch
+            .iter()
+            .map(|p| (p.sender.clone(), p.id, p.created_at_ms))
+            .collect();
+        let state = recorder.state.clone();
+        let result = smol::unblock(move || state.record_delivered_all(&items))
+            .await
+            .map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            log::error!(
+                "cannot record {} delivered messages in the state dir, leaving them unacknowledged \
+                 (RabbitMQ will deliver them again, and the local service may see them twice): {e}",
+                batch.len()
+            );
+        }
+        for p in batch {
+            let _ = p.done.try_send(result.clone());
+        }
+    }
+}
+
+/// Removes delivered records older than the freshness window, every minute.
+pub(super) async fn expire(agent: Arc<Agent>) {
+    let window = agent
+        .config
+        .message_ttl_ms
+        .saturating_add(2 * CLOCK_SKEW_MS);
+    loop {
+        async_io::Timer::after(EXPIRE_EVERY).await;
+        let state = agent.state.clone();
+        let older_than = now_ms().saturating_sub(window);
+        match smol::unblock(move || state.expire(older_than)).await {
+            Ok(0) => {}
+            Ok(n) => log::debug!("replay guard: forgot {n} deliveries past the window"),
+            Err(e) => log::error!("replay guard: cannot expire old records: {e}"),
         }
     }
 }
@@ -83,32 +150,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delivered_ids_are_remembered_until_their_window_ends() {
-        let mut g = Guard::default();
-        let id = MessageId::random();
-        assert!(matches!(g.begin(id, 0), Verdict::Fresh));
-        let Verdict::Busy(attempt) = g.begin(id, 1) else {
-            panic!("a second copy must wait for the first")
-        };
-        let mut waiting = Box::pin(attempt.finished());
-        let early = smol::block_on(futures_lite::future::poll_once(&mut waiting));
-        assert!(
-            early.is_none(),
-            "the copy must wait while the first is in flight"
-        );
-        g.finish(id, true, 100);
-        smol::block_on(waiting);
-        assert!(matches!(g.begin(id, 99), Verdict::Delivered));
-        assert!(matches!(g.begin(id, 100), Verdict::Fresh));
-    }
-
-    #[test]
-    fn failed_attempts_are_forgotten() {
-        let mut g = Guard::default();
-        let id = MessageId::random();
-        assert!(matches!(g.begin(id, 0), Verdict::Fresh));
-        g.finish(id, false, 100);
-        assert!(matches!(g.begin(id, 1), Verdict::Fresh));
-        assert!(g.delivered.is_empty());
+    fn concurrent_records_are_committed_and_claims_see_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(State::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(state.clone()));
+        let sender = AgentId::new("s").unwrap();
+        let ids: Vec<_> = (0..20).map(|_| MessageId::random()).collect();
+        smol::block_on(async {
+            let r = recorder.clone();
+            let committer = smol::spawn(async move { group_commit(&r).await });
+            let tasks: Vec<_> = ids
+                .iter()
+                .map(|&id| {
+                    let (r, s) = (recorder.clone(), sender.clone());
+                    smol::spawn(async move {
+                        assert!(r.claim(&s, id).await.unwrap());
+                        r.delivered(&s, id, now_ms()).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            drop(committer);
+            for &id in &ids {
+                assert!(!recorder.claim(&sender, id).await.unwrap());
+            }
+        });
+        assert_eq!(state.delivered_len().unwrap(), 20);
     }
 }

@@ -3,12 +3,11 @@
 use dmr::config::{self, AgentCli, AgentCommand};
 
 fn main() {
-    let cli: AgentCli = config::parse(
-        "dmr-agent",
-        std::env::args().skip(1).collect(),
-        config::AGENT_ENV_FLAGS,
-        |k| std::env::var(k).ok(),
-    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    dmr::ops::exit_on_version("dmr-agent", &args);
+    let cli: AgentCli = config::parse("dmr-agent", args, config::AGENT_ENV_FLAGS, |k| {
+        std::env::var(k).ok()
+    });
     let format = match &cli.command {
         AgentCommand::Run(args) => args.log_format,
         AgentCommand::Keygen(_) | AgentCommand::Trust(_) => Default::default(),

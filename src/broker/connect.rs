@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use super::compat::within;
 use super::declare::{Declarer, Op};
 use super::publisher::Publisher;
+use super::tls::Tls;
 use super::url::NodeUrl;
 use super::{BrokerError, Shared, Topology};
 use crate::protocol::AgentId;
@@ -65,7 +66,7 @@ pub(super) async fn connect(
     node: &NodeUrl,
     generation: u64,
 ) -> Result<(Arc<Live>, Kicked), BrokerError> {
-    let connection = open(node, &shared.connection_name).await?;
+    let connection = open(node, shared.tls.as_ref(), &shared.connection_name).await?;
     // On error or timeout below, dropping `connection` closes it.
     let setup = set_up(shared, node, generation, connection);
     within(SETUP_TIMEOUT, setup).await.map_err(|e| match e {
@@ -77,16 +78,35 @@ pub(super) async fn connect(
     })
 }
 
-/// Opens the AMQP connection (TCP, handshake, login).
-async fn open(node: &NodeUrl, connection_name: &str) -> Result<Connection, BrokerError> {
-    let args = OpenConnectionArguments::new(&node.host, node.port, &node.user, &node.password)
-        .virtual_host(&node.vhost)
+/// Opens the AMQP connection (TCP, TLS for `amqps://`, handshake, login).
+async fn open(
+    node: &NodeUrl,
+    tls: Option<&Tls>,
+    connection_name: &str,
+) -> Result<Connection, BrokerError> {
+    let mut args = OpenConnectionArguments::new(&node.host, node.port, &node.user, &node.password);
+    args.virtual_host(&node.vhost)
         .connection_name(connection_name)
-        .heartbeat(node.heartbeat)
-        .finish();
+        .heartbeat(node.heartbeat);
+    let tls = match (node.tls, tls) {
+        (true, Some(tls)) => {
+            args.tls_adaptor(tls.adaptor(node));
+            Some(tls)
+        }
+        // Broker::start_with sets up TLS whenever a node is amqps://.
+        (true, None) => {
+            return Err(BrokerError::Config(format!(
+                "{}: TLS is not set up",
+                node.display
+            )))
+        }
+        (false, _) => None,
+    };
     match with_timeout(CONNECT_TIMEOUT, Connection::open(&args)).await {
         Some(Ok(connection)) => Ok(connection),
-        Some(Err(amqprs::error::Error::NetworkError(e))) => Err(network_failure(node, e).await),
+        Some(Err(amqprs::error::Error::NetworkError(e))) => {
+            Err(network_failure(node, tls, e).await)
+        }
         Some(Err(e)) => Err(BrokerError::Closed(format!(
             "{e} (check host, port, user, password and vhost)"
         ))),
@@ -97,27 +117,40 @@ async fn open(node: &NodeUrl, connection_name: &str) -> Result<Connection, Broke
     }
 }
 
-/// Tells a node nothing answers at (refused, unknown host, no route) from one that hung up
-/// during the handshake, which RabbitMQ does on a bad login or vhost.
+/// Tells a node nothing answers at (refused, unknown host, no route) from one that refused
+/// TLS (`amqps://`) and from one that hung up during the AMQP handshake, which RabbitMQ
+/// does on a bad login or vhost.
 ///
-/// amqprs reports both as a network error, so a plain TCP connection is tried to tell.
-async fn network_failure(node: &NodeUrl, amqp_error: String) -> BrokerError {
+/// amqprs reports all of them as a network error, so a plain TCP connection, and for
+/// `amqps://` a TLS handshake on it, is tried to tell.
+async fn network_failure(node: &NodeUrl, tls: Option<&Tls>, amqp_error: String) -> BrokerError {
     let address = format!("{}:{}", node.host, node.port);
     let unreachable = |reason: String| BrokerError::Unreachable {
         url_without_password: node.display.clone(),
         reason,
     };
     match with_timeout(CONNECT_TIMEOUT, smol::net::TcpStream::connect(address)).await {
-        Some(Ok(_)) => BrokerError::Closed(format!(
-            "AMQP network error: {amqp_error} during the handshake (check user, password and \
-             vhost)"
-        )),
+        Some(Ok(tcp)) => match tls {
+            Some(tls) => match tls.probe(node, tcp, CONNECT_TIMEOUT).await {
+                Err(refused) => refused,
+                Ok(()) => login_failure(amqp_error),
+            },
+            None => login_failure(amqp_error),
+        },
         Some(Err(e)) => unreachable(e.to_string()),
         None => unreachable(format!(
             "no TCP connection within {} s",
             CONNECT_TIMEOUT.as_secs()
         )),
     }
+}
+
+/// The node accepted the connection (and TLS), then hung up during the AMQP handshake.
+fn login_failure(amqp_error: String) -> BrokerError {
+    BrokerError::Closed(format!(
+        "AMQP network error: {amqp_error} during the handshake (check user, password and \
+             vhost)"
+    ))
 }
 
 /// The steps after the handshake: watch the connection, declare the topology, open the
@@ -316,7 +349,7 @@ mod tests {
     #[test]
     fn a_closed_port_is_unreachable_and_the_password_stays_out() {
         let node = NodeUrl::parse("amqp://u:hunter2@127.0.0.1:1/").unwrap();
-        let e = smol::block_on(Compat::new(open(&node, "test")))
+        let e = smol::block_on(Compat::new(open(&node, None, "test")))
             .err()
             .unwrap();
         assert!(matches!(e, BrokerError::Unreachable { .. }), "{e:?}");

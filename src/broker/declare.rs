@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use amqprs::channel::{
     Channel, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments,
+    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
 };
 use amqprs::connection::Connection;
 use amqprs::FieldTable;
@@ -14,6 +14,9 @@ use amqprs::FieldTable;
 use super::channel::{ChannelWatch, CloseReason};
 use super::{BrokerError, Topology};
 use crate::protocol::AgentId;
+
+/// What RabbitMQ's 406 says when a queue exists with other arguments.
+const INEQUIVALENT: &str = "inequivalent arg";
 
 /// A topology operation, run on a throwaway channel.
 // Inspecting and deleting are needed only by the test-support hooks.
@@ -41,6 +44,9 @@ pub(super) enum Op {
     DeleteExchange {
         exchange: String,
     },
+    Purge {
+        queue: String,
+    },
 }
 
 impl Op {
@@ -54,6 +60,7 @@ impl Op {
             Op::Passive { queue } => format!("cannot inspect queue {queue}"),
             Op::DeleteQueue { queue } => format!("cannot delete queue {queue}"),
             Op::DeleteExchange { exchange } => format!("cannot delete exchange {exchange}"),
+            Op::Purge { queue } => format!("cannot purge queue {queue}"),
         }
     }
 
@@ -61,18 +68,14 @@ impl Op {
     fn refused(&self, code: u16, text: &str) -> BrokerError {
         let said = format!("{}: RabbitMQ says \"{code} {text}\"", self.what());
         match self {
-            Op::Passive { queue } if code == 404 => BrokerError::NoQueue(queue.clone()),
-            Op::Queue { queue, .. } if code == 406 && text.contains("inequivalent arg") => {
+            Op::Passive { queue } | Op::Purge { queue } if code == 404 => {
+                BrokerError::NoQueue(queue.clone())
+            }
+            Op::Queue { queue, .. } if code == 406 && text.contains(INEQUIVALENT) => {
                 BrokerError::Declare(format!(
                     "{said}. The queue exists with other arguments; drain and delete it \
-                     (rabbitmqctl delete_queue {queue}) or start dmr-server with the matching \
-                     --message-ttl/--delivery-limit"
-                ))
-            }
-            Op::Queue { .. } if code == 406 && text.contains("invalid arg") => {
-                BrokerError::Declare(format!(
-                    "{said}. RabbitMQ does not accept this value; choose another \
-                     --message-ttl/--delivery-limit"
+                     (rabbitmqctl delete_queue {queue} --if-empty) so that it is declared \
+                     again: see \"Queue settings by policy\" in docs/OPERATIONS.md"
                 ))
             }
             Op::Exchange { exchange, .. } if code == 406 => BrokerError::Declare(format!(
@@ -84,9 +87,10 @@ impl Op {
                 "{said}. The RabbitMQ user lacks permissions on this vhost; grant them \
                  (rabbitmqctl set_permissions -p VHOST USER '.*' '.*' '.*')"
             )),
-            Op::Passive { .. } | Op::DeleteQueue { .. } | Op::DeleteExchange { .. } => {
-                BrokerError::Refused(said)
-            }
+            Op::Passive { .. }
+            | Op::Purge { .. }
+            | Op::DeleteQueue { .. }
+            | Op::DeleteExchange { .. } => BrokerError::Refused(said),
             _ => BrokerError::Declare(said),
         }
     }
@@ -126,6 +130,11 @@ impl Op {
             Op::DeleteExchange { exchange } => {
                 let args = ExchangeDeleteArguments::new(exchange);
                 channel.exchange_delete(args).await.map(|()| 0)
+            }
+            Op::Purge { queue } => {
+                let args = QueuePurgeArguments::new(queue);
+                let purged = channel.queue_purge(args).await;
+                purged.map(Option::unwrap_or_default)
             }
         }
     }
@@ -170,11 +179,19 @@ impl<'a> Declarer<'a> {
 
     async fn agent(&mut self, topology: &Topology, agent: &AgentId) -> Result<(), BrokerError> {
         let queue = topology.queue(agent);
-        self.run(Op::Queue {
-            queue: queue.clone(),
-            arguments: topology.agent_queue_arguments(),
-        })
-        .await?;
+        let declared = self
+            .run(Op::Queue {
+                queue: queue.clone(),
+                arguments: topology.agent_queue_arguments(),
+            })
+            .await;
+        match declared {
+            Ok(_) => {}
+            Err(BrokerError::Declare(e)) if e.contains(INEQUIVALENT) => {
+                self.use_existing(&queue, &e).await?
+            }
+            Err(e) => return Err(e),
+        }
         self.run(Op::Bind {
             queue,
             exchange: topology.exchange(),
@@ -182,6 +199,31 @@ impl<'a> Declarer<'a> {
         })
         .await?;
         Ok(())
+    }
+
+    /// A queue declared by a first-round server carries TTL and delivery limit as
+    /// arguments, so declaring it without them fails (RabbitMQ 3.10); it still works as it
+    /// is, so use it and tell the operator to migrate it.
+    async fn use_existing(&mut self, queue: &str, refusal: &str) -> Result<(), BrokerError> {
+        let queue = queue.to_owned();
+        match self
+            .run(Op::Passive {
+                queue: queue.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                log::warn!(
+                    "queue {queue} was declared with other arguments (by an older dmr-server: \
+                     x-message-ttl, x-delivery-limit, …); using it as it is, but the policy of \
+                     `dmr-server rabbitmq setup` can only tighten those. Migrate it (drain and \
+                     recreate): see \"Queue settings by policy\" in docs/OPERATIONS.md"
+                );
+                Ok(())
+            }
+            Err(BrokerError::NoQueue(_)) => Err(BrokerError::Declare(refusal.to_owned())),
+            Err(e) => Err(e),
+        }
     }
 
     /// Runs one operation; returns the message count for [`Op::Passive`], else 0.

@@ -15,6 +15,15 @@ pub enum BrokerError {
         /// What the network said (the operating system's error).
         reason: String,
     },
+    /// The TLS handshake with an `amqps://` node failed (certificate not trusted or not
+    /// issued for the host, not a TLS port): the credentials were never sent. Retrying will
+    /// not help until the certificate or the settings change.
+    Tls {
+        /// The node's URL with its password masked.
+        url_without_password: String,
+        /// What failed and what to do about it.
+        reason: String,
+    },
     /// RabbitMQ blocks publishers (memory or disk alarm); nothing was sent.
     Blocked(String),
     /// RabbitMQ refused: `basic.nack` (e.g. queue full), `basic.return` (no queue for the
@@ -62,6 +71,13 @@ impl fmt::Display for BrokerError {
                 f,
                 "cannot reach RabbitMQ at {url_without_password}: {reason}; check the host and \
                  port in --amqp-url and that RabbitMQ is running there"
+            ),
+            Self::Tls {
+                url_without_password,
+                reason,
+            } => write!(
+                f,
+                "TLS with RabbitMQ at {url_without_password} failed: {reason} (nothing was sent)"
             ),
             Self::Blocked(reason) => write!(
                 f,

@@ -73,7 +73,9 @@ async fn connect_any(shared: &Shared, first: usize) -> Option<(usize, Arc<Live>,
             Ok((live, kicked)) => return Some((index, live, kicked)),
             Err(_) if shared.stopping.load(Ordering::SeqCst) => return None,
             // Names the node itself, password masked.
-            Err(e @ BrokerError::Unreachable { .. }) => log::warn!("{e}"),
+            Err(e @ (BrokerError::Unreachable { .. } | BrokerError::Tls { .. })) => {
+                log::warn!("{e}")
+            }
             Err(e) => log::warn!("could not connect to RabbitMQ at {}: {e}", node.display),
         }
     }

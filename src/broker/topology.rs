@@ -1,19 +1,41 @@
-//! The RabbitMQ topology of DESIGN §6: exchange and queue names, and the agent queues'
-//! arguments.
+//! The RabbitMQ topology of DESIGN §6: exchange and queue names, the agent queues'
+//! arguments, and the policies that carry every setting that may change (TTL, delivery
+//! limit, dead-lettering, overflow, DLQ retention).
+//!
+//! Queue arguments can never change on a live queue (a re-declaration with others fails
+//! with 406), policies can: so queues are declared with only what is fixed for good (quorum,
+//! single active consumer) and `dmr-server rabbitmq setup` applies the rest as policies.
 
 use amqprs::{FieldTable, FieldValue};
 
 use super::BrokerError;
 use crate::protocol::AgentId;
+use crate::rabbitmq_admin::Policy;
+
+/// Priority of DMR's policies: RabbitMQ applies one policy per queue, the highest; above
+/// the default 0 so a catch-all policy of the vhost does not replace them.
+const POLICY_PRIORITY: i64 = 10;
+
+/// Escapes the regular-expression characters of a queue prefix for a policy pattern.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// Names and arguments of the RabbitMQ topology (DESIGN §6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     /// Prepended to every exchange and queue name (`--queue-prefix`); empty in production.
     pub prefix: String,
-    /// `x-message-ttl` of the agent queues, in milliseconds (`--message-ttl`).
+    /// `message-ttl` of the agent queues' policy, in milliseconds (`--message-ttl`).
     pub message_ttl_ms: u64,
-    /// `x-delivery-limit` of the agent queues (`--delivery-limit`).
+    /// `delivery-limit` of the agent queues' policy (`--delivery-limit`).
     pub delivery_limit: u32,
 }
 
@@ -80,24 +102,57 @@ impl Topology {
         Ok(())
     }
 
-    /// Arguments of every agent queue: quorum, dead-lettered at least once to the DLX,
-    /// refusing publishes when full, with the configured TTL and delivery limit.
+    /// Arguments of every agent queue: only what never changes (quorum, one active
+    /// consumer among the server instances). TTL, delivery limit, dead-lettering and
+    /// overflow come from the policy of [`Topology::agent_policy`].
     pub(super) fn agent_queue_arguments(&self) -> FieldTable {
         table([
             ("x-queue-type", FieldValue::from("quorum")),
-            ("x-dead-letter-exchange", FieldValue::from(self.dlx())),
-            ("x-dead-letter-strategy", FieldValue::from("at-least-once")),
-            ("x-overflow", FieldValue::from("reject-publish")),
-            (
-                "x-delivery-limit",
-                FieldValue::l(self.delivery_limit.into()),
-            ),
-            (
-                "x-message-ttl",
-                FieldValue::l(i64::try_from(self.message_ttl_ms).unwrap_or(i64::MAX)),
-            ),
             ("x-single-active-consumer", FieldValue::t(true)),
         ])
+    }
+
+    /// The name of the agent queues' policy: `{prefix}dmr-agents`.
+    pub fn agent_policy_name(&self) -> String {
+        format!("{}dmr-agents", self.prefix)
+    }
+
+    /// The name of the dead-letter queue's policy: `{prefix}dmr-dlq`.
+    pub fn dlq_policy_name(&self) -> String {
+        format!("{}dmr-dlq", self.prefix)
+    }
+
+    /// The agent queues' policy: TTL, delivery limit, at-least-once dead-lettering to the
+    /// DLX, and refusing publishes when full (which at-least-once requires).
+    pub fn agent_policy(&self) -> Policy {
+        let mut definition = serde_json::Map::new();
+        for (key, value) in [
+            ("message-ttl", serde_json::json!(self.message_ttl_ms)),
+            ("delivery-limit", serde_json::json!(self.delivery_limit)),
+            ("dead-letter-exchange", serde_json::json!(self.dlx())),
+            ("dead-letter-strategy", serde_json::json!("at-least-once")),
+            ("overflow", serde_json::json!("reject-publish")),
+        ] {
+            definition.insert(key.to_owned(), value);
+        }
+        Policy {
+            pattern: format!("^{}dmr\\.agent\\.", regex_escape(&self.prefix)),
+            apply_to: "queues",
+            priority: POLICY_PRIORITY,
+            definition,
+        }
+    }
+
+    /// The dead-letter queue's policy: messages older than `retention_ms` are dropped.
+    pub fn dlq_policy(&self, retention_ms: u64) -> Policy {
+        let mut definition = serde_json::Map::new();
+        definition.insert("message-ttl".to_owned(), serde_json::json!(retention_ms));
+        Policy {
+            pattern: format!("^{}dmr\\.dlq$", regex_escape(&self.prefix)),
+            apply_to: "queues",
+            priority: POLICY_PRIORITY,
+            definition,
+        }
     }
 
     /// Arguments of the dead-letter queue: a plain quorum queue.
@@ -134,6 +189,14 @@ mod tests {
             ("p.dmr.dlx", "p.dmr.dlq")
         );
         assert!(t.validate().is_ok());
+        assert_eq!(t.agent_policy().pattern, r"^p\.dmr\.agent\.");
+        assert_eq!(t.dlq_policy(1).pattern, r"^p\.dmr\.dlq$");
+        assert_eq!(t.agent_policy_name(), "p.dmr-agents");
+        assert_eq!(t.agent_policy().definition["delivery-limit"], 10);
+        assert_eq!(
+            t.agent_policy().definition["dead-letter-exchange"],
+            "p.dmr.dlx"
+        );
         assert!(Topology {
             prefix: "x".repeat(182),
             ..t.clone()

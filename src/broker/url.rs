@@ -1,5 +1,5 @@
-//! AMQP URLs (`amqp://user:password@host:port/vhost?heartbeat=N`), parsed without panics
-//! and shown with the password masked.
+//! AMQP URLs (`amqp://user:password@host:port/vhost?heartbeat=N`, or `amqps://` for AMQP
+//! over TLS), parsed without panics and shown with the password masked.
 //!
 //! amqprs has its own parser, but it panics on a query parameter without `=` and keeps the
 //! vhost percent-encoded (`/%2f` would name a vhost called `%2f`), so this module parses.
@@ -7,12 +7,18 @@
 /// Heartbeat interval asked of RabbitMQ when the URL does not say: a dead peer is noticed
 /// after two missed heartbeats, i.e. within about 20 s.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// RabbitMQ's port for plain AMQP.
+const AMQP_PORT: u16 = 5672;
+/// RabbitMQ's port for AMQP over TLS.
+const AMQPS_PORT: u16 = 5671;
 
 /// One RabbitMQ node to connect to.
 #[derive(Clone)]
 pub(super) struct NodeUrl {
     /// The URL with its password replaced by `***`: safe for logs.
     pub display: String,
+    /// `amqps://`: TLS, with the server's certificate checked against `tls_name`.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub vhost: String,
@@ -34,17 +40,16 @@ impl NodeUrl {
         let (scheme, rest) = raw
             .split_once("://")
             .ok_or_else(|| "expected amqp://user:password@host:port/vhost".to_owned())?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "amqp" => {}
-            "amqps" => {
-                return Err(
-                    "amqps:// is not supported by this build; use amqp:// on a trusted \
-                            network or through a TLS tunnel"
-                        .to_owned(),
-                )
+        let scheme = scheme.to_ascii_lowercase();
+        let tls = match scheme.as_str() {
+            "amqp" => false,
+            "amqps" => true,
+            other => {
+                return Err(format!(
+                    "unsupported scheme {other:?}; expected amqp:// or amqps://"
+                ))
             }
-            other => return Err(format!("unsupported scheme {other:?}; expected amqp://")),
-        }
+        };
         let (before_query, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
             None => (rest, None),
@@ -76,7 +81,13 @@ impl NodeUrl {
                 (name, pass, shown)
             }
         };
-        let (host, port) = split_host_port(hostport)?;
+        let default_port = if tls { AMQPS_PORT } else { AMQP_PORT };
+        let (host, port) = split_host_port(hostport, default_port)?;
+        if tls {
+            rustls_pki_types::ServerName::try_from(tls_name(&host)).map_err(|_| {
+                format!("{host:?} is neither a DNS name nor an IP address a certificate can name")
+            })?;
+        }
         let vhost = match path {
             "" | "/" => "/".to_owned(),
             p => {
@@ -105,9 +116,10 @@ impl NodeUrl {
             // Other parameters (connection_timeout, channel_max, ...) are accepted and ignored.
         }
         let query_shown = query.map(|q| format!("?{q}")).unwrap_or_default();
-        let display = format!("amqp://{masked_userinfo}{hostport}{path}{query_shown}");
+        let display = format!("{scheme}://{masked_userinfo}{hostport}{path}{query_shown}");
         Ok(Self {
             display,
+            tls,
             host,
             port,
             vhost,
@@ -116,6 +128,19 @@ impl NodeUrl {
             heartbeat,
         })
     }
+
+    /// The name the server's certificate must carry: the URL's host (an IPv6 address
+    /// without its brackets).
+    pub fn tls_name(&self) -> String {
+        tls_name(&self.host)
+    }
+}
+
+fn tls_name(host: &str) -> String {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .to_owned()
 }
 
 /// `raw` with any password replaced by `***`, for error messages about URLs that did not parse.
@@ -134,7 +159,7 @@ pub(super) fn mask(raw: &str) -> String {
     }
 }
 
-fn split_host_port(hostport: &str) -> Result<(String, u16), String> {
+fn split_host_port(hostport: &str, default_port: u16) -> Result<(String, u16), String> {
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
         let (ip6, after) = rest
             .split_once(']')
@@ -159,7 +184,7 @@ fn split_host_port(hostport: &str) -> Result<(String, u16), String> {
         host
     };
     let port = match port {
-        None | Some("") => 5672,
+        None | Some("") => default_port,
         Some(p) => p
             .parse::<u16>()
             .ok()
@@ -205,6 +230,19 @@ mod tests {
         assert_eq!((u.user.as_str(), u.password.as_str()), ("guest", "guest"));
         assert_eq!(u.display, "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(u.heartbeat, 10);
+        assert!(!u.tls);
+    }
+
+    #[test]
+    fn amqps_defaults_to_5671_and_names_the_host() {
+        let u = NodeUrl::parse("AMQPS://u:pw@rabbit-1.example.org/prod").unwrap();
+        assert!(u.tls);
+        assert_eq!((u.host.as_str(), u.port), ("rabbit-1.example.org", 5671));
+        assert_eq!(u.tls_name(), "rabbit-1.example.org");
+        assert_eq!(u.display, "amqps://u:***@rabbit-1.example.org/prod");
+        let u = NodeUrl::parse("amqps://[::1]:56710").unwrap();
+        assert_eq!((u.tls_name().as_str(), u.port), ("::1", 56710));
+        assert_eq!(NodeUrl::parse("amqp://h").unwrap().port, 5672);
     }
 
     #[test]
@@ -225,7 +263,7 @@ mod tests {
     fn refusals_are_explained_and_never_leak_the_password() {
         for bad in [
             "http://h",
-            "amqps://h",
+            "amqps://u:secret@bad%20name",
             "amqp://h:0",
             "amqp://h:x",
             "amqp://h/a/b",

@@ -18,20 +18,21 @@ use async_tungstenite::tungstenite::Message;
 use futures_lite::future;
 use futures_util::StreamExt;
 
+use super::admission::PreLogin;
 use super::sessions::Event;
 use super::Shared;
 use crate::audit::{self, Meta};
 use crate::broker::{BrokerError, Consumer, Delivery};
-use crate::crypto::Challenge;
+use crate::crypto::{Challenge, ChannelBinding, PublicKey};
 use crate::protocol::{
     AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
 };
 use crate::sync::lock;
-use crate::transport::{self, Stream, WebSocket};
+use crate::transport::{self, Metered, Stream, WebSocket};
 use crate::wait::{with_timeout, Backoff};
 
-type Sender = async_tungstenite::WebSocketSender<Stream>;
-type Receiver = async_tungstenite::WebSocketReceiver<Stream>;
+type Sender = async_tungstenite::WebSocketSender<Metered<Stream>>;
+type Receiver = async_tungstenite::WebSocketReceiver<Metered<Stream>>;
 
 /// Largest receipt envelope exempt from the policy (a real one is about 250 bytes).
 const MAX_RECEIPT_BYTES: usize = 1024;
@@ -56,23 +57,46 @@ fn refuse(label: &'static str, reason: impl Into<String>) -> Refusal {
     }
 }
 
-/// Runs a session to its end.
-pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr) {
+/// Runs a session to its end. Until the handshake succeeds, `pre_login` holds the
+/// connection's place under `--max-handshakes` and caps what it may read.
+pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr, pre_login: PreLogin) {
+    // Taken before the split: the proof must cover this very TLS connection (if any).
+    let channel = ws.get_ref().get_ref().channel_binding();
     let (mut tx, mut rx) = ws.split();
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            let r = refuse(
+                "internal",
+                format!("no TLS exporter for this connection: {e}"),
+            );
+            return refused(&shared, tx, peer, r).await;
+        }
+    };
     let limit = shared.config.handshake_timeout;
-    let agent = match with_timeout(limit, handshake(&shared, &mut tx, &mut rx)).await {
-        Some(Ok(agent)) => agent,
+    let proven = with_timeout(limit, handshake(&shared, channel, &mut tx, &mut rx)).await;
+    let (agent, key) = match proven {
+        Some(Ok(proven)) => {
+            pre_login.logged_in();
+            proven
+        }
         Some(Err(r)) => return refused(&shared, tx, peer, r).await,
         None => return refused(&shared, tx, peer, refuse("timeout", "handshake timed out")).await,
+    };
+    // Counted until the session has ended, close frame written: shutdown waits for that.
+    let _busy = shared.outstanding.begin();
+    // The proof was checked against the directory in force when `Hello` came; only a
+    // directory that still lists this agent with that key may get a session.
+    let current = || shared.directory().get(&agent).map(|e| e.public_key) == Some(key);
+    let Some((session, events)) = shared.sessions.register(&agent, current) else {
+        let why = format!("agent {agent} was removed or re-keyed during the handshake");
+        return refused(&shared, tx, peer, refuse("revoked", why)).await;
     };
     shared
         .metrics
         .handshakes
         .get_or_create(&[("result", "ok")])
         .inc();
-    // Counted until the session has ended, close frame written: shutdown waits for that.
-    let _busy = shared.outstanding.begin();
-    let (session, events) = shared.sessions.register(&agent);
     shared.metrics.sessions.inc();
     log::info!("agent {agent} connected from {peer}");
     let reason = serve(&shared, &agent, tx, rx, events).await;
@@ -87,7 +111,7 @@ async fn refused(shared: &Shared, mut tx: Sender, peer: SocketAddr, r: Refusal) 
         .handshakes
         .get_or_create(&[("result", r.label)])
         .inc();
-    log::warn!("refused connection from {peer}: {}", r.reason);
+    shared.admission.log_refused_login(peer, &r.reason);
     let _ = with_timeout(
         Duration::from_secs(2),
         tx.send(close_frame(CloseCode::Policy, &r.reason)),
@@ -125,11 +149,15 @@ async fn next_frame(rx: &mut Receiver, max: usize) -> Result<ClientFrame, Refusa
     }
 }
 
+/// `Hello`, `Challenge`, `Proof`: returns the agent and the key its proof was checked
+/// against. `channel` is what the proof must be bound to (this connection's TLS exporter
+/// when this server terminates TLS; see `crypto::ChannelBinding` for the rule).
 async fn handshake(
     shared: &Shared,
+    channel: ChannelBinding,
     tx: &mut Sender,
     rx: &mut Receiver,
-) -> Result<AgentId, Refusal> {
+) -> Result<(AgentId, PublicKey), Refusal> {
     let ClientFrame::Hello { version, agent_id } = next_frame(rx, 1024).await? else {
         return Err(refuse("malformed", "expected Hello as the first frame"));
     };
@@ -151,6 +179,7 @@ async fn handshake(
     let frame = ServerFrame::Challenge {
         ephemeral_pk: challenge.ephemeral_pk(),
         nonce: challenge.nonce(),
+        tls_bound: matches!(channel, ChannelBinding::Tls(_)),
     };
     tx.send(binary(&frame))
         .await
@@ -158,13 +187,17 @@ async fn handshake(
     let ClientFrame::Proof { mac } = next_frame(rx, 1024).await? else {
         return Err(refuse("malformed", "expected Proof after Challenge"));
     };
-    if !challenge.verify(&agent_id, &entry.public_key, &mac) {
+    if !challenge.verify(&agent_id, &entry.public_key, channel, &mac) {
+        let also = match channel {
+            ChannelBinding::Tls(_) => " (or not made for this TLS connection)",
+            ChannelBinding::Unbound => "",
+        };
         return Err(refuse(
             "bad_proof",
-            format!("agent {agent_id}: proof of key possession failed"),
+            format!("agent {agent_id}: proof of key possession failed{also}"),
         ));
     }
-    Ok(agent_id)
+    Ok((agent_id, entry.public_key))
 }
 
 /// Maps the delivery numbers the agent sees to RabbitMQ delivery tags of the current consumer.
@@ -200,7 +233,7 @@ async fn serve(
 ) -> String {
     let (out, out_rx) = async_channel::bounded::<Message>(256);
     let welcome = ServerFrame::Welcome {
-        directory: shared.directory().to_entries(),
+        directory: shared.documents().to_vec(),
         limits: shared.config.limits(),
     };
     let _ = out.try_send(binary(&welcome));

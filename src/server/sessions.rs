@@ -29,25 +29,42 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    /// Registers a session for `agent`, closing any older one; returns the session number
-    /// and the session's event stream.
-    pub(crate) fn register(&self, agent: &AgentId) -> (u64, async_channel::Receiver<Event>) {
+    /// Registers a session for `agent` if `still_valid` (the agent is still in the current
+    /// directory with the key its proof was checked against), closing any older session;
+    /// returns the session number and the session's event stream. `None`: the directory
+    /// changed during the handshake and nothing was registered (nor any older session closed).
+    ///
+    /// `still_valid` runs under the registry's lock. The directory watcher swaps the
+    /// directory first and only then takes this lock to close sessions of removed or
+    /// re-keyed agents, so either `still_valid` already sees the new directory, or the
+    /// watcher finds this session registered and closes it: a handshake that raced a
+    /// revocation never ends as a live session.
+    pub(crate) fn register(
+        &self,
+        agent: &AgentId,
+        still_valid: impl FnOnce() -> bool,
+    ) -> Option<(u64, async_channel::Receiver<Event>)> {
+        let mut map = self.lock();
+        if !still_valid() {
+            return None;
+        }
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = async_channel::unbounded();
-        let old = self.lock().insert(
+        let old = map.insert(
             agent.clone(),
             Entry {
                 session,
                 events: tx,
             },
         );
+        drop(map);
         if let Some(old) = old {
             log::info!("agent {agent}: a newer session replaces the current one");
             let _ = old
                 .events
                 .try_send(Event::Close("replaced by a newer session".into()));
         }
-        (session, rx)
+        Some((session, rx))
     }
 
     /// Removes `agent`'s entry if it is still `session` (a newer one may have replaced it).

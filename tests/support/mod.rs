@@ -70,6 +70,20 @@ pub struct World {
     pub agents: Vec<Identity>,
 }
 
+/// Writes a private key file as an operator must: mode 0600 (the agent refuses looser).
+pub fn write_private_key(path: &Path, pem: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .unwrap();
+}
+
 impl World {
     pub fn new(test: &str, ids: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -78,7 +92,7 @@ impl World {
             .map(|id| {
                 let key = SecretKey::generate().unwrap();
                 let key_path = dir.path().join(format!("{id}.key"));
-                std::fs::write(&key_path, key.to_pem()).unwrap();
+                write_private_key(&key_path, &key.to_pem());
                 Identity {
                     id: AgentId::new(*id).unwrap(),
                     key,
@@ -165,7 +179,51 @@ impl Drop for World {
             }
             let _ = conn.close().await;
         }));
+        remove_policies(&self.prefix);
     }
+}
+
+/// The RabbitMQ management API of the test node.
+pub const MANAGEMENT_URL: &str = "http://guest:guest@127.0.0.1:15672";
+
+/// Runs `dmr-server rabbitmq setup` for `prefix` on vhost `/`, passing on the queue
+/// settings among `flags` (`--delivery-limit N`, `--message-ttl S`): queues get those from
+/// the policy, not from `run`'s flags.
+pub fn rabbitmq_setup(prefix: &str, flags: &[&str]) {
+    let mut args: Vec<String> = vec![
+        "rabbitmq".into(),
+        "setup".into(),
+        "--management-url".into(),
+        MANAGEMENT_URL.into(),
+        "--queue-prefix".into(),
+        prefix.into(),
+    ];
+    for pair in flags.windows(2) {
+        if matches!(
+            pair[0],
+            "--delivery-limit" | "--message-ttl" | "--dlq-retention"
+        ) {
+            args.extend([pair[0].to_owned(), pair[1].to_owned()]);
+        }
+    }
+    let out = Command::new(SERVER_BIN).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dmr-server {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the policies `rabbitmq_setup` made for `prefix`, if any. Never panics.
+pub fn remove_policies(prefix: &str) {
+    let Ok(admin) = dmr::rabbitmq_admin::Admin::new(MANAGEMENT_URL) else {
+        return;
+    };
+    smol::block_on(async {
+        for name in [format!("{prefix}dmr-agents"), format!("{prefix}dmr-dlq")] {
+            let _ = admin.delete_policy("/", &name).await;
+        }
+    });
 }
 
 fn amqp_args() -> OpenConnectionArguments {
@@ -213,6 +271,46 @@ pub fn peek_queue(queue: &str, max: usize, wait: Duration) -> Vec<RawMessage> {
     }))
 }
 
+/// Reads (without removing) the dead-letter queue of `world` through the relay's own
+/// [`dmr::broker::Broker::consume_dlq`], so each copy's `x-dmr-reason` comes back as
+/// [`dmr::broker::Delivery::reason`]. Waits until `want` copies are there or `wait` passes
+/// (an empty DLQ answers nothing, so `want` = 0 just waits `wait`). The copies return to the
+/// queue when the consumer's channel closes.
+pub fn dead_letters(world: &World, want: usize, wait: Duration) -> Vec<dmr::broker::Delivery> {
+    use dmr::broker::{Broker, Topology};
+    let topology = Topology {
+        prefix: world.prefix.clone(),
+        ..Topology::default()
+    };
+    let name = format!("{}dlq-reader", world.prefix);
+    let broker = Broker::start_named(vec![AMQP_URL.into()], topology, &name).unwrap();
+    smol::block_on(async {
+        dmr::wait::with_timeout(Duration::from_secs(10), broker.connected())
+            .await
+            .expect("RabbitMQ not connected within 10 s for reading the DLQ");
+        let prefetch = u16::try_from(want + 10).unwrap_or(u16::MAX);
+        let consumer = broker.consume_dlq(prefetch).await.unwrap();
+        let mut out = Vec::new();
+        let end = Instant::now() + wait;
+        while out.len() < want {
+            let left = end.saturating_duration_since(Instant::now());
+            match dmr::wait::with_timeout(left, consumer.next()).await {
+                Some(Some(d)) => out.push(d),
+                _ => break,
+            }
+        }
+        // Take what else is already there, so a surplus shows.
+        while let Some(Some(d)) =
+            dmr::wait::with_timeout(Duration::from_millis(300), consumer.next()).await
+        {
+            out.push(d);
+        }
+        consumer.close().await;
+        broker.close().await;
+        out
+    })
+}
+
 fn tokio_sleep_until(wait: Duration) -> Instant {
     Instant::now() + wait
 }
@@ -249,10 +347,22 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[String], log_dir: &Path) -> Self {
+        Self::spawn_env(name, bin, args, log_dir, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        bin: &str,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,dmr=debug")
             .env("SMOL_THREADS", "2")
             .stdout(Stdio::null())
@@ -374,6 +484,10 @@ impl Server {
     }
 
     pub fn start_on(world: &World, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let queue_settings = ["--delivery-limit", "--message-ttl"];
+        if extra.iter().any(|f| queue_settings.contains(f)) {
+            rabbitmq_setup(&world.prefix, extra);
+        }
         let args = server_args(world, addr, extra);
         let mut s = Self {
             proc: Proc::spawn(name, SERVER_BIN, &args, world.dir.path()),
@@ -414,7 +528,9 @@ pub fn server_args(world: &World, addr: SocketAddr, extra: &[&str]) -> Vec<Strin
 }
 
 /// `dmr-agent run` arguments: agent `id` with the key at `key`, on `servers` (comma-separated
-/// URLs), its API on `listen`, delivering to `deliver` when given.
+/// URLs), its API on `listen`, delivering to `deliver` when given. Its state dir is
+/// [`agent_state_dir`]: one per agent id and API port, beside the key, so agents never share
+/// one and an agent restarted on its port finds its state again.
 pub fn agent_args(
     id: &str,
     key: &Path,
@@ -422,8 +538,29 @@ pub fn agent_args(
     listen: SocketAddr,
     deliver: Option<String>,
 ) -> Vec<String> {
+    let state = agent_state_dir(key, id, listen);
+    agent_args_in(id, key, servers, listen, deliver, &state)
+}
+
+/// The state dir [`agent_args`] gives the agent `id` listening on `listen`.
+pub fn agent_state_dir(key: &Path, id: &str, listen: SocketAddr) -> PathBuf {
+    let dir = key.parent().unwrap_or(Path::new("."));
+    dir.join(format!("state-{id}-{}", listen.port()))
+}
+
+/// [`agent_args`] with the state dir `state`.
+pub fn agent_args_in(
+    id: &str,
+    key: &Path,
+    servers: &str,
+    listen: SocketAddr,
+    deliver: Option<String>,
+    state: &Path,
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
         "--id".into(),
         id.into(),
         "--key".into(),
@@ -432,9 +569,6 @@ pub fn agent_args(
         servers.into(),
         "--listen".into(),
         listen.to_string(),
-        // One state dir per process: tests run several agents (even with one id) at once.
-        "--state-dir".into(),
-        default_state_dir(key, id, listen).display().to_string(),
     ];
     if let Some(d) = deliver {
         args.extend(["--deliver-url".into(), d]);
@@ -442,13 +576,7 @@ pub fn agent_args(
     args
 }
 
-/// The state dir `agent_args` gives: beside the key, unique per agent id and API port.
-pub fn default_state_dir(key: &Path, id: &str, listen: SocketAddr) -> PathBuf {
-    let base = key.parent().unwrap_or(Path::new("."));
-    base.join("state").join(format!("{id}-{}", listen.port()))
-}
-
-/// Replaces the `--state-dir` of `args` with the one in `extra`, if `extra` has one.
+/// Drops the `--state-dir` of `args` when `extra` brings its own (argh takes one only).
 fn override_state_dir(args: &mut Vec<String>, extra: &[&str]) {
     if extra.contains(&"--state-dir") {
         if let Some(i) = args.iter().position(|a| a == "--state-dir") {
@@ -492,7 +620,22 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
 pub struct TestClient {
     pub tx: async_tungstenite::WebSocketSender<dmr::transport::Stream>,
     pub rx: async_tungstenite::WebSocketReceiver<dmr::transport::Stream>,
-    pub directory: Vec<dmr::protocol::AgentEntry>,
+    /// The directory `Welcome` carried, parsed and merged as agents do.
+    pub directory: Vec<dmr::directory::Agent>,
+    /// The documents themselves, as the server forwarded them.
+    pub documents: Vec<dmr::protocol::DirectoryDocument>,
+}
+
+/// The agents of a `Welcome` or `Directory` frame's documents (file, then CentOps).
+pub fn directory_of(documents: &[dmr::protocol::DirectoryDocument]) -> Vec<dmr::directory::Agent> {
+    let parsed: Vec<_> = documents
+        .iter()
+        .map(|d| dmr::directory::parse(&d.json).expect("the server forwards a valid directory"))
+        .collect();
+    dmr::directory::Directory::merge(&parsed)
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// How a connection attempt ended.
@@ -515,6 +658,7 @@ impl TestClient {
             tx,
             rx,
             directory: vec![],
+            documents: vec![],
         }
     }
 
@@ -529,15 +673,24 @@ impl TestClient {
         let ServerFrame::Challenge {
             ephemeral_pk,
             nonce,
+            ..
         } = c.recv().await?
         else {
             panic!("expected Challenge")
         };
-        let mac = crypto::prove(key, id, &ephemeral_pk, &nonce).unwrap();
+        let mac = crypto::prove(
+            key,
+            id,
+            &ephemeral_pk,
+            &nonce,
+            crypto::ChannelBinding::Unbound,
+        )
+        .unwrap();
         c.send(ClientFrame::Proof { mac }).await;
         match c.recv().await? {
             ServerFrame::Welcome { directory, .. } => {
-                c.directory = directory;
+                c.directory = directory_of(&directory);
+                c.documents = directory;
                 Ok(c)
             }
             other => panic!("expected Welcome, got {other:?}"),
@@ -626,6 +779,8 @@ pub struct Webhook {
     pub received: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Answer 500 while true.
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// While non-zero, the status every request is answered with (nothing recorded).
+    pub answer: Arc<std::sync::atomic::AtomicU16>,
     pub attempts: Arc<std::sync::atomic::AtomicUsize>,
     _stop: Arc<async_channel::Sender<()>>,
 }
@@ -636,16 +791,22 @@ impl Webhook {
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
-        let (r, f, a) = (received.clone(), failing.clone(), attempts.clone());
+        let (r, f, a, s) = (
+            received.clone(),
+            failing.clone(),
+            attempts.clone(),
+            answer.clone(),
+        );
         std::thread::spawn(move || {
             let listener = smol::net::TcpListener::try_from(listener).unwrap();
             smol::block_on(dmr::http::serve(
                 listener,
                 None,
                 move |req: hyper::Request<hyper::body::Incoming>, _| {
-                    let (r, f, a) = (r.clone(), f.clone(), a.clone());
+                    let (r, f, a, s) = (r.clone(), f.clone(), a.clone(), s.clone());
                     async move {
                         a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let body = dmr::http::read_body(req.into_body(), 8 << 20)
@@ -656,6 +817,10 @@ impl Webhook {
                                 hyper::StatusCode::INTERNAL_SERVER_ERROR,
                                 "failing on purpose",
                             );
+                        }
+                        let status = s.load(std::sync::atomic::Ordering::SeqCst);
+                        if let Ok(status) = hyper::StatusCode::from_u16(status) {
+                            return dmr::http::error(status, "answering so on purpose");
                         }
                         r.lock()
                             .unwrap()
@@ -672,6 +837,7 @@ impl Webhook {
             addr,
             received,
             failing,
+            answer,
             attempts,
             _stop: Arc::new(stop_tx),
         }
