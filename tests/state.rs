@@ -20,6 +20,21 @@ fn id(s: &str) -> AgentId {
     AgentId::new(s).unwrap()
 }
 
+/// Reopens a store this process just closed. Another test thread that spawns a child at
+/// that moment briefly shares the lock file's open description (fork before exec closes
+/// it), so a reopen can see the lock held for a few milliseconds; wait that out.
+fn reopen(path: &Path) -> State {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match State::open(path) {
+            Err(StateError::Locked { .. }) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 fn mode(p: &Path) -> u32 {
     fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -58,7 +73,7 @@ fn pins_and_deliveries_survive_reopen_and_expire() {
             ReplayVerdict::Fresh
         );
     }
-    let state = State::open(&path).unwrap();
+    let state = reopen(&path);
     assert_eq!(state.pinned(&id("tax")).unwrap(), Some(k1));
     assert_eq!(
         state.pin(&id("tax"), &k2).unwrap(),
@@ -77,7 +92,7 @@ fn pins_and_deliveries_survive_reopen_and_expire() {
     assert!(!state.was_delivered(&sender, old).unwrap());
     assert!(state.was_delivered(&sender, new).unwrap());
     drop(state);
-    let state = State::open(&path).unwrap();
+    let state = reopen(&path);
     assert_eq!(state.delivered_len().unwrap(), 1);
 }
 

@@ -176,19 +176,18 @@ fn read_file(path: &Path) -> Result<Source, String> {
 }
 
 async fn poll_centops(shared: &Shared, url: &str, sources: &mut Sources) -> bool {
-    let json = match fetch(shared, url, "CentOps directory").await {
+    let source = format!("CentOps directory from {url}");
+    let json = match fetch(shared, url).await {
         Ok(b) => b,
-        Err(e) => return refused(shared, "CentOps directory", e),
+        Err(e) => return refused(shared, &source, e),
     };
     let signature = match &shared.config.centops_signature_url {
         None => None,
-        Some(sig_url) => match fetch(shared, sig_url, "CentOps signature")
-            .await
-            .and_then(|b| {
-                Signature::parse(&b).map_err(|e| format!("--centops-signature-url {sig_url}: {e}"))
-            }) {
+        Some(sig_url) => match fetch(shared, sig_url).await.and_then(|b| {
+            Signature::parse(&b).map_err(|e| format!("--centops-signature-url {sig_url}: {e}"))
+        }) {
             Ok(sig) => Some(DirectorySignature(sig.to_bytes())),
-            Err(e) => return refused(shared, "CentOps directory", e),
+            Err(e) => return refused(shared, &source, e),
         },
     };
     let parsed = directory::parse(&json).map_err(|e| e.to_string());
@@ -203,27 +202,25 @@ async fn poll_centops(shared: &Shared, url: &str, sources: &mut Sources) -> bool
             count_reload(shared, "ok");
             changed
         }
-        Err(e) => refused(shared, "CentOps directory", format!("{url}: {e}")),
+        Err(e) => refused(shared, &source, e),
     }
 }
 
-/// GETs `url` with CentOps' TLS settings, reading at most `--centops-max-bytes`; the body
-/// of a 2xx answer, or why not.
-async fn fetch(shared: &Shared, url: &str, what: &str) -> Result<Vec<u8>, String> {
+/// GETs `url` (the CentOps directory or its signature) with CentOps' TLS settings, reading
+/// at most `--centops-max-bytes`; the body of a 2xx answer, or why not.
+async fn fetch(shared: &Shared, url: &str) -> Result<Vec<u8>, String> {
     let req = hyper::Request::get(url)
         .body(Full::new(Bytes::new()))
-        .map_err(|e| format!("{what} {url}: {e}"))?;
+        .map_err(|e| format!("{url}: {e}"))?;
     let (tls, max) = (shared.centops_tls.as_ref(), shared.config.centops_max_bytes);
     let (status, body) = crate::http::request_limited(req, tls, CENTOPS_TIMEOUT, max)
         .await
         .map_err(|e| match e {
-            crate::http::ClientError::TooLarge { .. } => {
-                format!("{what} {url}: {e} (--centops-max-bytes)")
-            }
-            e => format!("{what} {url}: {e}"),
+            crate::http::ClientError::TooLarge { .. } => format!("{e} (--centops-max-bytes)"),
+            e => format!("{url}: {e}"),
         })?;
     if !status.is_success() {
-        return Err(format!("{what} {url}: answered {status}"));
+        return Err(format!("{url} answered {status}"));
     }
     Ok(body.to_vec())
 }
