@@ -428,7 +428,6 @@ pub struct AgentArgs {
     #[argh(option, default = "60")]
     pub webhook_retry_max: u64,
 
-
     /// URL the agent POSTs each status change of a sent message to (queued, sent,
     /// delivered, failed) [env DMR_STATUS_URL] [default none]
     #[argh(option)]

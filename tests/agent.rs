@@ -704,8 +704,9 @@ fn api_errors_have_the_right_status_and_name_the_field() {
     let (status, _) = a.post("/v1/messages", good, &[("Authorization", &bearer)]);
     assert_eq!(status, 202);
 
-    // An agent that has never reached a server knows no recipient yet: 404, not queued
-    // (tests/status.rs covers the outbox, for an agent that lost its servers). Point it
+    // An agent that has never reached a server has no directory, so it cannot seal (nor
+    // queue) anything yet: 503 with Retry-After (tests/status.rs covers the outbox, for an
+    // agent that lost its servers). Point it
     // at a port where nobody listens (so it never becomes ready; do not wait for that).
     let nowhere = format!("ws://127.0.0.1:{}/v1/ws", free_port());
     let addr = loopback();
@@ -722,10 +723,15 @@ fn api_errors_have_the_right_status_and_name_the_field() {
         http_get(addr, "/healthz").is_some_and(|r| r.0 == 200)
     });
     assert_eq!(http_get(addr, "/readyz").map(|r| r.0), Some(503));
-    let (status, _, body) = raw_http(addr, "POST", "/v1/messages", good, &[]);
-    assert_eq!(status, 404, "{body}");
+    let (status, headers, body) = raw_http(addr, "POST", "/v1/messages", good, &[]);
+    assert_eq!(status, 503, "{body}");
+    let retry = headers.get("retry-after").expect("Retry-After on 503");
+    assert!(
+        retry.parse::<u64>().is_ok_and(|s| s > 0),
+        "Retry-After {retry:?}"
+    );
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert!(error_of(&v).contains("unknown agent"), "{v}");
+    assert!(error_of(&v).contains("directory"), "{v}");
     let health: Value = serde_json::from_str(&http_get(addr, "/v1/health").unwrap().1).unwrap();
     assert_eq!(health["connected"], json!(false), "{health}");
     assert!(lonely.is_running());
