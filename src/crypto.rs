@@ -591,21 +591,32 @@ fn remove_entry(path: &Path) -> Result<(), KeyFileError> {
 
 /// Creates `path` with `mode`; fails if anything, a dangling link included, is there.
 fn write_new(path: &Path, mode: u32, bytes: &[u8]) -> Result<(), KeyFileError> {
+    write_new_file(path, mode, bytes).map_err(|(action, e)| match e.kind() {
+        io::ErrorKind::AlreadyExists if action == "create" => KeyFileError::Exists {
+            path: path.to_owned(),
+        },
+        _ => io_error(path, action)(e),
+    })
+}
+
+/// Creates `path` with `mode` (never an existing file, never through a symlink: `O_EXCL` and
+/// `O_NOFOLLOW`), writes `bytes` and syncs them; on failure, which step failed ("create" or
+/// "write"). Key files of both kinds (agent and directory signing) are written this way.
+pub(crate) fn write_new_file(
+    path: &Path,
+    mode: u32,
+    bytes: &[u8],
+) -> Result<(), (&'static str, io::Error)> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => KeyFileError::Exists {
-                path: path.to_owned(),
-            },
-            _ => io_error(path, "create")(e),
-        })?;
+        .map_err(|e| ("create", e))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
-        .map_err(io_error(path, "write"))
+        .map_err(|e| ("write", e))
 }
 
 /// `PREFIX` + `.ext`, keeping any dots already in the prefix (`a.b` → `a.b.key`).

@@ -9,9 +9,8 @@
 //! `dmr-server directory keygen` and `dmr-server directory sign`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -446,19 +445,10 @@ pub fn directory_command(args: &DirectoryArgs) -> Result<(), SigningError> {
 /// Creates `path` (never existing, never through a symlink) with `mode`, writes `bytes` and
 /// syncs them to disk.
 fn write_new(path: &Path, mode: u32, bytes: &[u8]) -> Result<(), SigningError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => SigningError::Exists(path.to_owned()),
-            _ => SigningError::io(path, "create", e),
-        })?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| SigningError::io(path, "write", e))
+    crate::crypto::write_new_file(path, mode, bytes).map_err(|(action, e)| match e.kind() {
+        io::ErrorKind::AlreadyExists if action == "create" => SigningError::Exists(path.to_owned()),
+        _ => SigningError::io(path, action, e),
+    })
 }
 
 /// Reads a key or signature file into a buffer that is wiped when dropped.
