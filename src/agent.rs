@@ -47,6 +47,8 @@ use crate::sync::{lock, read};
 /// `--max-message-bytes`). A server announcing a larger limit in `Welcome` cannot raise it:
 /// the agent never reads a frame over this plus `FRAME_OVERHEAD`.
 const AGENT_MAX_MESSAGE: usize = 1 << 20;
+/// Largest request head (request line and headers) the local API reads, as on the server.
+const API_MAX_HEAD: usize = 16 * 1024;
 
 /// Everything `run` needs, validated. `Debug` never shows the API token.
 #[derive(Clone, Debug)]
@@ -63,6 +65,8 @@ pub struct AgentConfig {
     pub allow_no_token: bool,
     pub ca_file: Option<PathBuf>,
     pub max_concurrent_deliveries: usize,
+    /// `--max-api-connections`: connections the local API holds at once.
+    pub max_api_connections: usize,
     /// The freshness window (`--message-ttl`), in milliseconds.
     pub message_ttl_ms: u64,
     /// Longest pause between delivery attempts during a local service outage.
@@ -149,11 +153,13 @@ impl AgentConfig {
             .iter()
             .map(|h| ApiHost::parse(h))
             .collect::<Result<Vec<_>, _>>()?;
-        if a.max_concurrent_deliveries == 0 {
-            return Err(ConfigError::TooSmall {
-                flag: "--max-concurrent-deliveries",
-                min: "1",
-            });
+        for (flag, value) in [
+            ("--max-concurrent-deliveries", a.max_concurrent_deliveries),
+            ("--max-api-connections", a.max_api_connections),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::TooSmall { flag, min: "1" });
+            }
         }
         let state_dir = a.state_dir.unwrap_or_else(|| {
             default_state_dir(&id, std::env::var("STATE_DIRECTORY").ok().as_deref())
@@ -175,6 +181,7 @@ impl AgentConfig {
             allow_no_token: a.allow_no_token,
             ca_file: a.ca_file,
             max_concurrent_deliveries: a.max_concurrent_deliveries,
+            max_api_connections: a.max_api_connections,
             message_ttl_ms: a.message_ttl.saturating_mul(1000),
             webhook_retry_max: Duration::from_secs(a.webhook_retry_max.max(1)),
             send_timeout: Duration::from_secs(30),
@@ -442,7 +449,12 @@ async fn serve(
         let agent = agent.clone();
         move |req, _peer| api::route(agent.clone(), hosts.clone(), req)
     };
-    crate::http::serve(listener, None, handler, stop).await;
+    let options = crate::http::ServeOptions {
+        max_connections: Some(agent.config.max_api_connections),
+        on_refused: None,
+        max_head_bytes: Some(API_MAX_HEAD),
+    };
+    crate::http::serve_with(listener, None, options, handler, stop).await;
     log::info!("stopping: finishing deliveries in progress");
     inbox::drain(&agent, Duration::from_secs(10)).await;
     drop((link, drain, receipts, notifier));

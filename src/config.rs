@@ -416,6 +416,11 @@ pub struct AgentArgs {
     #[argh(option, default = "16")]
     pub max_concurrent_deliveries: usize,
 
+    /// open connections to the local API beyond which new ones get 503 at once
+    /// [env DMR_MAX_API_CONNECTIONS] [default 1024]
+    #[argh(option, default = "1024")]
+    pub max_api_connections: usize,
+
     /// freshness window in seconds: older messages are refused at the API and dead-lettered
     /// on arrival; keep it equal to the server's --message-ttl [env DMR_MESSAGE_TTL]
     /// [default 86400]
@@ -639,6 +644,7 @@ pub const AGENT_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
             ("api-token", false),
             ("ca-file", false),
             ("max-concurrent-deliveries", false),
+            ("max-api-connections", false),
             ("state-dir", false),
             ("status-url", false),
             ("outbox-max-messages", false),

@@ -562,3 +562,39 @@ fn the_harness_writes_private_keys() {
     write_private_key(&p, "x");
     assert_eq!(mode(&p), 0o600);
 }
+
+/// Over --max-api-connections the local API answers 503 at once instead of holding another
+/// connection; once connections close it answers again.
+#[test]
+fn api_connections_over_the_cap_get_503() {
+    let world = World::new("hardening-apicap", &["alice"]);
+    let server = Server::start(&world, "server", &[]);
+    let alice = AgentProc::start(
+        &world,
+        "alice",
+        &[&server],
+        None,
+        &["--max-api-connections", "3"],
+    );
+    let mut idle = Vec::new();
+    let status = loop {
+        let (status, _) = raw(alice.addr, "GET", "/healthz", &[], "");
+        if status != 200 || idle.len() > 3 {
+            break status;
+        }
+        // An accepted connection counts at once, even while it says nothing.
+        idle.push(TcpStream::connect(alice.addr).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("with {} idle connections: {status}", idle.len());
+    assert_eq!(status, 503, "with {} idle connections", idle.len());
+    assert!(
+        idle.len() <= 3,
+        "{} idle connections and still served",
+        idle.len()
+    );
+    drop(idle);
+    wait_until(10 * SECOND, "the API to answer again", || {
+        http_get(alice.addr, "/healthz").is_some_and(|r| r.0 == 200)
+    });
+}
