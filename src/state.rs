@@ -242,18 +242,7 @@ impl State {
         let meta = fs::metadata(dir).map_err(|_| StateError::Missing {
             dir: dir.to_owned(),
         })?;
-        if !meta.is_dir() {
-            return Err(StateError::NotADirectory {
-                dir: dir.to_owned(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(StateError::Insecure {
-                dir: dir.to_owned(),
-                mode,
-            });
-        }
+        check_private_dir(dir, &meta)?;
         let lock = take_lock(dir)?;
         let db_path = dir.join(DB_FILE);
         let db = Database::create(&db_path).map_err(|e| open_error(dir, &db_path, e))?;
@@ -749,6 +738,24 @@ fn format_ms(ms: u64) -> String {
     let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| ms.to_string())
+}
+
+/// A state directory (or the drop-box in it) must be a real directory that no one but its
+/// owner may write: anyone who could would choose the keys this agent trusts.
+pub(crate) fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> Result<(), StateError> {
+    if !meta.is_dir() {
+        return Err(StateError::NotADirectory {
+            dir: dir.to_owned(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(StateError::Insecure {
+            dir: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

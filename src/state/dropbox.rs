@@ -222,19 +222,7 @@ fn check_dir(dir: &Path) -> Result<(), StateError> {
         path: dir.to_owned(),
         problem: format!("cannot inspect the confirmation drop-box: {e}"),
     })?;
-    if !meta.is_dir() {
-        return Err(StateError::NotADirectory {
-            dir: dir.to_owned(),
-        });
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(StateError::Insecure {
-            dir: dir.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
+    super::check_private_dir(dir, &meta)
 }
 
 #[cfg(test)]
