@@ -35,4 +35,6 @@ scripts/ensure-rabbitmq.sh
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked
+# Bounded, so a hung test fails the run with its output instead of holding CI to its
+# deadline (each test binary also has a watchdog: tests/support/mod.rs).
+timeout --kill-after=60 45m cargo test --locked

@@ -370,7 +370,7 @@ fn spawn_agent(
         .spawn()
         .unwrap();
     AgentProc {
-        proc: Proc { child, log, name },
+        proc: Proc::new(child, log, name),
         addr,
     }
 }

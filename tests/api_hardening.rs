@@ -222,11 +222,7 @@ fn refusals_come_in_order_and_api_host_names_are_accepted() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut proc = Proc {
-        child,
-        log,
-        name: "alice".into(),
-    };
+    let mut proc = Proc::new(child, log, "alice");
     proc.wait_ready(addr);
 
     let own = addr.to_string();

@@ -3,10 +3,11 @@
 //! its RabbitMQ objects when done, so tests never see each other's messages.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use amqprs::channel::{
@@ -27,6 +28,43 @@ use dmr::protocol::{
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_dmr-server");
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_dmr-agent");
+
+/// How long one test binary may run before the watchdog ends it (override with
+/// `DMR_TEST_BINARY_TIMEOUT_SECS`). The whole suite takes about five minutes; no binary
+/// needs more than a few.
+const BINARY_BUDGET: Duration = Duration::from_secs(15 * 60);
+
+/// Children of this test binary that are still running, for the watchdog to kill.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Starts (once per test binary) a watchdog that ends a hung binary with a message, kills
+/// the processes it started, and exits non-zero. A test stuck on a wedged broker must fail
+/// the run in minutes rather than hold CI until its deadline: libtest has no timeout of
+/// its own, and its "running for over 60 seconds" lines then say which test hung.
+pub fn watchdog() {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        let budget = std::env::var("DMR_TEST_BINARY_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(BINARY_BUDGET, Duration::from_secs);
+        std::thread::spawn(move || {
+            std::thread::sleep(budget);
+            // Straight to fd 2: libtest captures `eprintln!` of test threads.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nwatchdog: this test binary ran for more than {budget:?}; a test is hung \
+                 (see the \"running for over 60 seconds\" lines above). Killing its processes."
+            );
+            for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            std::process::exit(3);
+        });
+    });
+}
 
 /// A fresh, unused loopback port.
 pub fn free_port() -> u16 {
@@ -86,6 +124,7 @@ pub fn write_private_key(path: &Path, pem: &str) {
 
 impl World {
     pub fn new(test: &str, ids: &[&str]) -> Self {
+        watchdog();
         let dir = tempfile::tempdir().unwrap();
         let agents = ids
             .iter()
@@ -155,7 +194,7 @@ impl Drop for World {
             format!("{}dmr.messages", self.prefix),
             format!("{}dmr.dlx", self.prefix),
         ];
-        smol::block_on(Compat::new(async {
+        let clean_up = Compat::new(async {
             // Never panic here: a Drop during a failing test's unwinding would abort.
             let Ok(conn) = Connection::open(&amqp_args()).await else {
                 return;
@@ -178,7 +217,14 @@ impl Drop for World {
                 }
             }
             let _ = conn.close().await;
-        }));
+        });
+        // Bounded: a broker that stopped answering must not turn clean-up into a hang.
+        if smol::block_on(dmr::wait::with_timeout(AMQP_DEADLINE, clean_up)).is_none() {
+            eprintln!(
+                "RabbitMQ clean-up of {} took over {AMQP_DEADLINE:?}; left",
+                self.prefix
+            );
+        }
         remove_policies(&self.prefix);
     }
 }
@@ -232,9 +278,14 @@ fn amqp_args() -> OpenConnectionArguments {
     args
 }
 
+/// Longest wait for one RabbitMQ step in the harness: a node out of file handles accepts
+/// TCP and then never answers the AMQP handshake.
+pub const AMQP_DEADLINE: Duration = Duration::from_secs(30);
+
 async fn amqp() -> Connection {
-    Connection::open(&amqp_args())
+    dmr::wait::with_timeout(AMQP_DEADLINE, Connection::open(&amqp_args()))
         .await
+        .expect("RabbitMQ did not answer the AMQP handshake within 30 s (scripts/ensure-rabbitmq.sh checks the node)")
         .expect("RabbitMQ must be running on 127.0.0.1:5672 (.ci/run starts it)")
 }
 
@@ -346,6 +397,20 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Adopts a started child: it is killed when dropped, or by the watchdog.
+    pub fn new(child: Child, log: PathBuf, name: impl Into<String>) -> Self {
+        watchdog();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
+        Self {
+            child,
+            log,
+            name: name.into(),
+        }
+    }
+
     pub fn spawn(name: &str, bin: &str, args: &[String], log_dir: &Path) -> Self {
         Self::spawn_env(name, bin, args, log_dir, &[])
     }
@@ -369,11 +434,7 @@ impl Proc {
             .stderr(file)
             .spawn()
             .unwrap();
-        Self {
-            child,
-            log,
-            name: name.to_owned(),
-        }
+        Self::new(child, log, name)
     }
 
     /// Waits up to 30 s for `GET /readyz` on `addr` to answer 200, failing early if the
@@ -430,6 +491,11 @@ impl Proc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let pid = self.child.id();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != pid);
     }
 }
 
