@@ -126,6 +126,7 @@ fn baseline(world: &World, n: usize, window: usize) -> Report {
                             recipient: AgentId::new("b").unwrap(),
                             created_at_ms: now_ms(),
                             kind: Kind::chat_message(),
+                            seq: 0,
                         };
                         sent_at.lock().unwrap().insert(header.id, Instant::now());
                         broker.publish(&header, body.clone()).await.unwrap();

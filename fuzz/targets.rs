@@ -12,7 +12,7 @@ use std::fmt::Display;
 use std::sync::OnceLock;
 
 use dmr::agent::SendRequest;
-use dmr::crypto::{self, PublicKey, SecretKey};
+use dmr::crypto::{Opener, PublicKey, SecretKey};
 use dmr::directory::Directory;
 use dmr::protocol::{AgentId, ClientFrame, Envelope, ServerFrame};
 
@@ -72,11 +72,12 @@ pub fn server_frame(data: &[u8]) {
     }
 }
 
-/// A key pair for `envelope`: random envelopes must never open under it.
-fn keys() -> &'static (SecretKey, PublicKey) {
-    static KEYS: OnceLock<(SecretKey, PublicKey)> = OnceLock::new();
+/// The recipient's opener (with its context cache, as the agent holds one) and a sender
+/// key for `envelope`: random envelopes must never open under them.
+fn keys() -> &'static (Opener, PublicKey) {
+    static KEYS: OnceLock<(Opener, PublicKey)> = OnceLock::new();
     KEYS.get_or_init(|| {
-        let recipient = SecretKey::generate().expect("key");
+        let recipient = Opener::new(SecretKey::generate().expect("key"));
         let sender = SecretKey::generate().expect("key").public_key();
         (recipient, sender)
     })
@@ -92,10 +93,10 @@ pub fn envelope(data: &[u8]) {
             // What the recipient agent does next. Nobody here holds the sender's key, so
             // nothing may open: a success would be a forgery.
             let (recipient, sender) = keys();
-            match crypto::open(recipient, sender, &env) {
+            match recipient.open(sender, &env) {
                 Ok(_) => panic!("a random envelope opened"),
                 Err(e) => {
-                    check_error("crypto::open", &e);
+                    check_error("Opener::open", &e);
                 }
             }
         }

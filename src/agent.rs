@@ -34,7 +34,7 @@ use std::time::Duration;
 use async_lock::Semaphore;
 
 use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, KeygenArgs, Secret};
-use crate::crypto::SecretKey;
+use crate::crypto::{Opener, Sealer};
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
 use crate::protocol::{AgentId, ClientFrame, Envelope, Limits};
@@ -219,9 +219,12 @@ struct Link {
 /// State shared by the API, the link and the inbox.
 struct Agent {
     config: AgentConfig,
-    key: SecretKey,
-    /// The key before the last rotation (`--previous-key`), if given.
-    previous_key: Option<SecretKey>,
+    /// Seals with our key, one HPKE epoch per recipient key (also holds the key for the
+    /// handshake proof).
+    sealer: Sealer,
+    /// Opens with our key and the one before the last rotation (`--previous-key`), if
+    /// given, one cached HPKE context per sender epoch.
+    opener: Opener,
     directory: RwLock<Arc<Directory>>,
     limits: RwLock<Option<Limits>>,
     link: Mutex<Option<Link>>,
@@ -311,6 +314,12 @@ impl Agent {
                 Some(old)
             }
         };
+        let key = Arc::new(key);
+        let sealer = Sealer::new(key.clone());
+        let opener = match previous_key {
+            Some(old) => Opener::new(key).with_previous(old),
+            None => Opener::new(key),
+        };
         let keys = DirectoryKeys::read(&config.directory_keys)
             .map_err(|e| format!("--directory-key: {e}"))?;
         let state = Arc::new(State::open(&config.state_dir)?);
@@ -343,8 +352,8 @@ impl Agent {
                 link::MAX_PENDING_DELIVERIES.max(config.max_concurrent_deliveries),
             )),
             config,
-            key,
-            previous_key,
+            sealer,
+            opener,
             directory: RwLock::default(),
             limits: RwLock::default(),
             link: Mutex::default(),
@@ -393,7 +402,7 @@ async fn serve(
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(listen);
     let hosts = Arc::new(AllowedHosts::new(bound, &agent.config.api_hosts));
-    let (id, public) = (&agent.config.id, agent.key.public_key());
+    let (id, public) = (&agent.config.id, agent.sealer.key().public_key());
     log::info!("agent {id} API on http://{bound}/v1/messages; public key {public:?}");
     warn_if_exposed(&agent.config);
     if agent.config.deliver_url.is_none() {

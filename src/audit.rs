@@ -337,6 +337,7 @@ mod tests {
             recipient: AgentId::new("tax").unwrap(),
             created_at_ms: 0,
             kind: Kind::chat_message(),
+            seq: 0,
         };
         Meta::of(&h, 321)
     }

@@ -7,8 +7,9 @@
 //! cannot pass it on). The rule for when that happens is written down at [`ChannelBinding`].
 //!
 //! This is the only module that knows orion. Keys are X25519; envelopes use RFC 9180 HPKE
-//! in Auth mode (DHKEM(X25519, HKDF-SHA256), ChaCha20-Poly1305) with the encoded header as
-//! associated data, so neither the content nor the metadata can be changed unnoticed.
+//! in Auth mode (DHKEM(X25519, HKDF-SHA256), ChaCha20-Poly1305), amortised over an epoch of
+//! messages ([`Sealer`], [`Opener`], see `envelope`), with the encoded header as associated
+//! data, so neither the content nor the metadata can be changed unnoticed.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -17,21 +18,17 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use orion::hazardous::ecc::x25519;
-use orion::hazardous::hpke::{ModeAuth, DHKEM_X25519_SHA256_CHACHA20};
 use orion::hazardous::kdf::hkdf;
 use orion::hazardous::kem::x25519_hkdf_sha256 as kem;
 
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::protocol::{AgentId, Envelope, Header, PROTOCOL_VERSION};
+use crate::protocol::{AgentId, PROTOCOL_VERSION};
 
-type Hpke = ModeAuth<DHKEM_X25519_SHA256_CHACHA20>;
+mod envelope;
+pub use envelope::{open, seal, EpochLimits, Opener, Sealer, OPENER_CACHE};
 
-/// HPKE `info`: binds every envelope to this protocol so a ciphertext made for another
-/// purpose with the same keys never opens here.
-const HPKE_INFO: &[u8] = b"dmr/v1 envelope";
 const PROOF_KDF_INFO: &[u8] = b"dmr/v1 handshake proof key";
-const TAG_LEN: usize = 16;
 
 /// DER prefixes of the only key forms OpenSSL writes for X25519.
 const SPKI_PREFIX: [u8; 12] = [
@@ -219,56 +216,6 @@ fn pkcs8_x25519(der: &[u8]) -> Option<&[u8]> {
         return None;
     }
     body.get(14..46)
-}
-
-/// Encrypts `plaintext` from `sender` to `recipient_pk`, binding `header` as associated data.
-pub fn seal(
-    sender: &SecretKey,
-    recipient_pk: &PublicKey,
-    header: Header,
-    plaintext: &[u8],
-) -> Result<Envelope, CryptoError> {
-    let aad = header.aad();
-    let mut ciphertext = vec![0u8; plaintext.len() + TAG_LEN];
-    let enc = Hpke::auth_seal(
-        &recipient_pk.to_orion(),
-        HPKE_INFO,
-        &sender.inner,
-        plaintext,
-        &aad,
-        &mut ciphertext,
-    )
-    .map_err(|_| CryptoError::SealFailed)?;
-    let enc: [u8; 32] = enc
-        .as_ref()
-        .try_into()
-        .map_err(|_| CryptoError::SealFailed)?;
-    Ok(Envelope::from_parts(header, enc, ciphertext))
-}
-
-/// Decrypts an envelope addressed to `recipient`, proving it came from `sender_pk` and
-/// that its header is the one the sender sealed.
-pub fn open(
-    recipient: &SecretKey,
-    sender_pk: &PublicKey,
-    envelope: &Envelope,
-) -> Result<Vec<u8>, CryptoError> {
-    let ct = envelope.ciphertext();
-    if ct.len() < TAG_LEN {
-        return Err(CryptoError::OpenFailed);
-    }
-    let mut plaintext = vec![0u8; ct.len() - TAG_LEN];
-    Hpke::auth_open(
-        &kem::PublicKey::from(*envelope.enc()),
-        &recipient.inner,
-        HPKE_INFO,
-        &sender_pk.to_orion(),
-        ct,
-        &envelope.header().aad(),
-        &mut plaintext,
-    )
-    .map_err(|_| CryptoError::OpenFailed)?;
-    Ok(plaintext)
 }
 
 /// The server's half of one handshake: a fresh ephemeral key and nonce.

@@ -366,6 +366,7 @@ mod tests {
             recipient: AgentId::new(to).unwrap(),
             created_at_ms: 0,
             kind: Kind::new(kind).unwrap(),
+            seq: 0,
         }
     }
 

@@ -17,7 +17,10 @@ use uuid::Uuid;
 /// ([`DirectoryDocument`]) instead of parsed entries, so agents can verify them; `Challenge`
 /// carries `tls_bound`, and the handshake proof may cover the TLS channel (see
 /// `crypto::ChannelBinding`).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// Version 3: envelopes use amortised HPKE (`crypto::Sealer`): [`Header`] carries `seq`,
+/// the message's number in its sender's epoch, and the HPKE `info` names version 3.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
 pub const FRAME_OVERHEAD: usize = 4 * 1024;
@@ -230,6 +233,9 @@ pub struct Header {
     /// Milliseconds since the Unix epoch, set by the sender.
     pub created_at_ms: u64,
     pub kind: Kind,
+    /// The message's number in the sender's HPKE epoch (named by the envelope's `enc`);
+    /// its key is derived from it. Set by `crypto::Sealer::seal`, whatever was here.
+    pub seq: u64,
 }
 
 impl Header {
@@ -509,6 +515,7 @@ mod tests {
             recipient: AgentId::new("tax-board.ee_1").unwrap(),
             created_at_ms: 1_700_000_000_000,
             kind: Kind::chat_message(),
+            seq: 0,
         }
     }
 

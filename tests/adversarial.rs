@@ -140,6 +140,7 @@ fn sealed_at(from: &Identity, to: &Identity, payload: &[u8], created_at_ms: u64)
         recipient: to.id.clone(),
         created_at_ms,
         kind: Kind::chat_message(),
+        seq: 0,
     };
     crypto::seal(&from.key, &to.key.public_key(), header, payload).unwrap()
 }

@@ -38,6 +38,7 @@ fn header(sender: &AgentId, recipient: &AgentId) -> Header {
         recipient: recipient.clone(),
         created_at_ms: 1_700_000_000_000,
         kind: Kind::chat_message(),
+        seq: 0,
     }
 }
 

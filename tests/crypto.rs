@@ -3,7 +3,13 @@
 
 use std::process::Command;
 
-use dmr::crypto::{self, Challenge, ChannelBinding, CryptoError, PublicKey, SecretKey};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmr::crypto::{
+    self, Challenge, ChannelBinding, CryptoError, EpochLimits, Opener, PublicKey, Sealer, SecretKey,
+};
 use dmr::protocol::{AgentId, Header, Kind, MessageId};
 
 fn header(sender: &str, recipient: &str) -> Header {
@@ -13,6 +19,7 @@ fn header(sender: &str, recipient: &str) -> Header {
         recipient: AgentId::new(recipient).unwrap(),
         created_at_ms: 1_700_000_000_000,
         kind: Kind::chat_message(),
+        seq: 0,
     }
 }
 
@@ -92,6 +99,7 @@ fn every_header_field_is_authenticated() {
         ),
         ("created_at", Box::new(|h| h.created_at_ms += 1)),
         ("kind", Box::new(|h| h.kind = Kind::new("Other").unwrap())),
+        ("seq", Box::new(|h| h.seq += 1)),
     ];
     for (field, edit) in edits {
         let mut env = sealed.clone();
@@ -306,4 +314,212 @@ fn random_pem_bodies_never_panic() {
             "-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n"
         ));
     }
+}
+
+// Amortised HPKE: one epoch per (sender, recipient key), one key per message.
+
+fn pair() -> (SecretKey, SecretKey) {
+    (
+        SecretKey::generate().unwrap(),
+        SecretKey::generate().unwrap(),
+    )
+}
+
+/// A sealer whose epochs last `max_messages` messages (and an hour).
+fn sealer_with_bound(key: SecretKey, max_messages: u64) -> Sealer {
+    let limits = EpochLimits {
+        max_messages,
+        max_age: Duration::from_secs(3600),
+    };
+    Sealer::with_limits(key, limits)
+}
+
+#[test]
+fn one_epoch_carries_many_messages_and_one_context_opens_them() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let (sealer, opener) = (Sealer::new(a), Opener::new(b));
+    let envs: Vec<_> = (0..3)
+        .map(|i| sealer.seal(&b_pk, header("a", "b"), &[i]).unwrap())
+        .collect();
+    let seqs: Vec<u64> = envs.iter().map(|e| e.header().seq).collect();
+    assert_eq!(seqs, [0, 1, 2], "seq is set by the sealer, in order");
+    assert!(envs.iter().all(|e| e.enc() == envs[0].enc()), "one epoch");
+    for (i, env) in envs.iter().enumerate() {
+        assert_eq!(opener.open(&a_pk, env).unwrap(), [i as u8]);
+    }
+    assert_eq!(opener.cached_contexts(), 1, "one setup for the whole epoch");
+}
+
+#[test]
+fn tampering_fails_with_a_cached_context_too() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let (sealer, opener) = (Sealer::new(a), Opener::new(b));
+    let first = sealer.seal(&b_pk, header("a", "b"), b"first").unwrap();
+    let sealed = sealer.seal(&b_pk, header("a", "b"), b"second").unwrap();
+    // The epoch's context is cached now: tampering must fail on that path as well.
+    opener.open(&a_pk, &first).unwrap();
+    type Edit = Box<dyn Fn(&mut Header)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        ("id", Box::new(|h| h.id = MessageId::random())),
+        (
+            "sender",
+            Box::new(|h| h.sender = AgentId::new("c").unwrap()),
+        ),
+        (
+            "recipient",
+            Box::new(|h| h.recipient = AgentId::new("c").unwrap()),
+        ),
+        ("created_at", Box::new(|h| h.created_at_ms += 1)),
+        ("kind", Box::new(|h| h.kind = Kind::new("Other").unwrap())),
+        ("seq + 1", Box::new(|h| h.seq += 1)),
+        ("seq of another message", Box::new(|h| h.seq = 0)),
+        ("seq far away", Box::new(|h| h.seq = u64::MAX)),
+    ];
+    for (field, edit) in edits {
+        let mut env = sealed.clone();
+        edit(env.tamper().0);
+        assert_eq!(
+            opener.open(&a_pk, &env),
+            Err(CryptoError::OpenFailed),
+            "changed {field} still opened"
+        );
+    }
+    for i in 0..sealed.ciphertext().len() * 8 {
+        let mut env = sealed.clone();
+        env.tamper().2[i / 8] ^= 1 << (i % 8);
+        assert!(opener.open(&a_pk, &env).is_err(), "ciphertext bit {i}");
+    }
+    for i in 0..256 {
+        let mut env = sealed.clone();
+        env.tamper().1[i / 8] ^= 1 << (i % 8);
+        assert!(opener.open(&a_pk, &env).is_err(), "enc bit {i}");
+    }
+    // A relay grafting one message's ciphertext onto another's header fails too.
+    let mut grafted = sealed.clone();
+    *grafted.tamper().2 = first.ciphertext().to_vec();
+    assert!(opener.open(&a_pk, &grafted).is_err());
+    // Failed opens cached nothing, and the genuine message still opens.
+    assert_eq!(opener.cached_contexts(), 1);
+    assert_eq!(opener.open(&a_pk, &sealed).unwrap(), b"second");
+}
+
+#[test]
+fn reordered_and_redelivered_messages_open() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let (sealer, opener) = (Sealer::new(a), Opener::new(b));
+    let envs: Vec<_> = (1..=3u8)
+        .map(|i| sealer.seal(&b_pk, header("a", "b"), &[i]).unwrap())
+        .collect();
+    for i in [3, 1, 2] {
+        assert_eq!(opener.open(&a_pk, &envs[i - 1]).unwrap(), [i as u8]);
+    }
+    // Redelivery: the same envelope opens again (replay is the agent's guard's business).
+    assert_eq!(opener.open(&a_pk, &envs[0]).unwrap(), [1]);
+    assert_eq!(opener.open(&a_pk, &envs[0]).unwrap(), [1]);
+}
+
+#[test]
+fn a_restarted_recipient_opens_with_an_empty_cache() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let b = Arc::new(b);
+    let sealer = Sealer::new(a);
+    let first = sealer.seal(&b_pk, header("a", "b"), b"1").unwrap();
+    let second = sealer.seal(&b_pk, header("a", "b"), b"2").unwrap();
+    Opener::new(b.clone()).open(&a_pk, &first).unwrap();
+    let restarted = Opener::new(b.clone());
+    assert_eq!(restarted.cached_contexts(), 0);
+    assert_eq!(restarted.open(&a_pk, &second).unwrap(), b"2");
+    // The one-shot form opens it too: same construction, no cache.
+    assert_eq!(crypto::open(&b, &a_pk, &second).unwrap(), b"2");
+}
+
+#[test]
+fn a_rekeyed_recipient_gets_a_new_epoch_the_old_key_cannot_open() {
+    let (a, old) = pair();
+    let new = SecretKey::generate().unwrap();
+    let (a_pk, old_pk, new_pk) = (a.public_key(), old.public_key(), new.public_key());
+    let sealer = Sealer::new(a);
+    let before = sealer.seal(&old_pk, header("a", "b"), b"before").unwrap();
+    let after = sealer.seal(&new_pk, header("a", "b"), b"after").unwrap();
+    assert_ne!(before.enc(), after.enc(), "a new key starts a new epoch");
+    assert_eq!(after.header().seq, 0);
+    let (old, new) = (Arc::new(old), Arc::new(new));
+    assert_eq!(
+        Opener::new(old.clone()).open(&a_pk, &after),
+        Err(CryptoError::OpenFailed)
+    );
+    assert_eq!(
+        Opener::new(new.clone()).open(&a_pk, &after).unwrap(),
+        b"after"
+    );
+    // During the rotation the recipient still opens what was sealed to its previous key.
+    let rotating = Opener::new(new).with_previous(old);
+    assert_eq!(rotating.open(&a_pk, &before).unwrap(), b"before");
+    assert_eq!(rotating.open(&a_pk, &after).unwrap(), b"after");
+}
+
+#[test]
+fn the_epoch_rotates_after_its_message_bound() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let (sealer, opener) = (sealer_with_bound(a, 2), Opener::new(b));
+    let envs: Vec<_> = (0..5u8)
+        .map(|i| sealer.seal(&b_pk, header("a", "b"), &[i]).unwrap())
+        .collect();
+    let seqs: Vec<u64> = envs.iter().map(|e| e.header().seq).collect();
+    assert_eq!(seqs, [0, 1, 0, 1, 0]);
+    let encs: HashSet<[u8; 32]> = envs.iter().map(|e| *e.enc()).collect();
+    assert_eq!(encs.len(), 3, "three epochs of at most two messages");
+    assert_eq!(envs[0].enc(), envs[1].enc());
+    assert_ne!(envs[1].enc(), envs[2].enc());
+    for (i, env) in envs.iter().enumerate() {
+        assert_eq!(opener.open(&a_pk, env).unwrap(), [i as u8]);
+    }
+    assert_eq!(opener.cached_contexts(), 3);
+}
+
+#[test]
+fn distinct_seqs_seal_under_distinct_keys() {
+    let (a, b) = pair();
+    let b_pk = b.public_key();
+    let sealer = Sealer::new(a);
+    // Same header and plaintext: only seq differs, so equal bodies would mean equal keys.
+    let h = header("a", "b");
+    let bodies: HashSet<Vec<u8>> = (0..50)
+        .map(|_| {
+            let env = sealer.seal(&b_pk, h.clone(), &[0u8; 32]).unwrap();
+            env.ciphertext()[..32].to_vec()
+        })
+        .collect();
+    assert_eq!(bodies.len(), 50);
+}
+
+#[test]
+fn threads_sharing_a_sealer_never_reuse_a_seq() {
+    let (a, b) = pair();
+    let (a_pk, b_pk) = (a.public_key(), b.public_key());
+    let sealer = Arc::new(sealer_with_bound(a, 37));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let sealer = sealer.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| sealer.seal(&b_pk, header("a", "b"), b"x").unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let envs: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let slots: HashSet<([u8; 32], u64)> = envs.iter().map(|e| (*e.enc(), e.header().seq)).collect();
+    assert_eq!(slots.len(), envs.len(), "an (enc, seq) was used twice");
+    assert!(envs.iter().all(|e| e.header().seq < 37));
+    let opener = Opener::new(b);
+    assert!(envs.iter().all(|e| opener.open(&a_pk, e).is_ok()));
 }

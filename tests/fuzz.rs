@@ -263,6 +263,7 @@ fn sealed(k: &Keys, payload: &[u8]) -> Envelope {
         recipient: id("tax-board.ee_1"),
         created_at_ms: 1_700_000_000_000,
         kind: Kind::chat_message(),
+        seq: 0,
     };
     crypto::seal(&k.a, &k.b.public_key(), header, payload).unwrap()
 }

@@ -224,6 +224,7 @@ fn header(sender: &str, recipient: &str, created_at_ms: u64) -> Header {
         recipient: AgentId::new(recipient).unwrap(),
         created_at_ms,
         kind: Kind::chat_message(),
+        seq: 0,
     }
 }
 

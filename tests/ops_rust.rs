@@ -52,6 +52,7 @@ fn header(sender: &str, recipient: &str) -> Header {
         recipient: AgentId::new(recipient).unwrap(),
         created_at_ms: 1_700_000_000_000,
         kind: Kind::chat_message(),
+        seq: 0,
     }
 }
 

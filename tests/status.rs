@@ -384,6 +384,7 @@ fn receipt(from: &SecretKey, to: &crypto::PublicKey, id: MessageId) -> Envelope 
             .unwrap()
             .as_millis() as u64,
         kind: Kind::receipt(),
+        seq: 0,
     };
     let body = json!({"receipt": id.to_string()}).to_string();
     crypto::seal(from, to, header, body.as_bytes()).unwrap()

@@ -1,4 +1,4 @@
-//! Fuzz target: Envelope::from_bytes (as read back from RabbitMQ), then crypto::open on it.
+//! Fuzz target: Envelope::from_bytes (as read back from RabbitMQ), then the agent's crypto::Opener on it.
 #![no_main]
 
 #[path = "../targets.rs"]

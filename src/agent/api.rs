@@ -22,7 +22,6 @@ use super::bodies::{check_fresh, now_ms, Sealed, SendRequest};
 use super::hosts::AllowedHosts;
 use super::outbox::{dispatch, Dispatched};
 use super::Agent;
-use crate::crypto;
 use crate::http::{self, Body};
 use crate::protocol::{Envelope, Header, RejectCode};
 /// Time a client has to send the whole request body once its headers arrived (hyper gives
@@ -342,8 +341,11 @@ fn seal(agent: &Agent, r: SendRequest) -> Result<Envelope, Refusal> {
         recipient: r.recipient,
         created_at_ms: r.created_at_ms,
         kind: r.kind,
+        seq: 0,
     };
-    let envelope = crypto::seal(&agent.key, &recipient.public_key, header, &plaintext)
+    let envelope = agent
+        .sealer
+        .seal(&recipient.public_key, header, &plaintext)
         .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match agent.limits() {
         Some(l) if envelope.encoded_len() > l.max_message_bytes as usize => Err(refuse(

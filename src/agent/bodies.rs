@@ -312,6 +312,7 @@ pub(super) mod tests {
             recipient: AgentId::new("tax").unwrap(),
             created_at_ms,
             kind: Kind::chat_message(),
+            seq: 0,
         }
     }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 use super::bodies::{check_fresh, now_ms, webhook_body, Sealed, Stale};
 use super::webhook::WebhookError;
 use super::Agent;
-use crate::crypto;
 use crate::protocol::{AgentId, ClientFrame, Envelope};
 
 /// How long a message from a sender not (yet) in our directory waits for a directory update.
@@ -212,14 +211,11 @@ pub(super) async fn open(
             known.ok_or_else(|| DeliveryError::UnknownSender(h.sender.clone()))?
         }
     };
-    // During a key rotation, messages sealed to the previous key still arrive for a while.
-    let opened = crypto::open(&agent.key, &sender.public_key, envelope).or_else(|e| {
-        match &agent.previous_key {
-            Some(old) => crypto::open(old, &sender.public_key, envelope).map_err(|_| e),
-            None => Err(e),
-        }
-    });
-    let payload = opened
+    // The opener also tries the previous key: during a key rotation, messages sealed to it
+    // still arrive for a while.
+    let payload = agent
+        .opener
+        .open(&sender.public_key, envelope)
         .map_err(|e| match agent.trust.key_change(&h.sender) {
             Some(change) => DeliveryError::KeyChanged {
                 sender: h.sender.clone(),

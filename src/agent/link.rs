@@ -278,7 +278,7 @@ async fn authenticate(
         // The server speaks plain WebSocket (behind a TLS ingress, or ws://).
         (false, _) => ChannelBinding::Unbound,
     };
-    let mac = crypto::prove(&agent.key, &id, &ephemeral_pk, &nonce, binding)
+    let mac = crypto::prove(agent.sealer.key(), &id, &ephemeral_pk, &nonce, binding)
         .map_err(|e| LinkError::Proof(e.to_string()))?;
     send(tx, ClientFrame::Proof { mac }).await?;
     let ServerFrame::Welcome { directory, limits } = recv(rx).await? else {

@@ -22,7 +22,6 @@ use super::bodies::{check_fresh, now_ms};
 use super::inbox::{self, DeliveryError};
 use super::outbox::{dispatch, Dispatched};
 use super::Agent;
-use crate::crypto;
 use crate::protocol::{ClientFrame, Envelope, Header, Kind, MessageId};
 
 /// Seals a receipt for the delivered message `h` to its sender and hands it to [`run`].
@@ -39,9 +38,13 @@ pub(super) fn send_for(agent: &Agent, h: &Header) {
         recipient: h.sender.clone(),
         created_at_ms: now_ms(),
         kind: Kind::receipt(),
+        seq: 0,
     };
     let body = serde_json::json!({ "receipt": h.id.to_string() }).to_string();
-    match crypto::seal(&agent.key, &sender.public_key, header, body.as_bytes()) {
+    match agent
+        .sealer
+        .seal(&sender.public_key, header, body.as_bytes())
+    {
         Ok(envelope) => {
             let _ = agent.receipts.0.try_send(envelope);
         }

@@ -251,6 +251,7 @@ mod tests {
             recipient: AgentId::new(to).unwrap(),
             created_at_ms: 0,
             kind: Kind::chat_message(),
+            seq: 0,
         }
     }
 

@@ -834,6 +834,7 @@ pub fn envelope(from: &Identity, to: &Identity, payload: &[u8]) -> Envelope {
             .unwrap()
             .as_millis() as u64,
         kind: Kind::chat_message(),
+        seq: 0,
     };
     crypto::seal(&from.key, &to.key.public_key(), header, payload).unwrap()
 }
