@@ -37,13 +37,19 @@ const BINARY_BUDGET: Duration = Duration::from_secs(15 * 60);
 /// Children of this test binary that are still running, for the watchdog to kill.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+static WATCHDOG: Once = Once::new();
+
+/// Keeps the watchdog from starting in this process (benchmarks run for longer).
+pub fn no_watchdog() {
+    WATCHDOG.call_once(|| {});
+}
+
 /// Starts (once per test binary) a watchdog that ends a hung binary with a message, kills
 /// the processes it started, and exits non-zero. A test stuck on a wedged broker must fail
 /// the run in minutes rather than hold CI until its deadline: libtest has no timeout of
 /// its own, and its "running for over 60 seconds" lines then say which test hung.
 pub fn watchdog() {
-    static START: Once = Once::new();
-    START.call_once(|| {
+    WATCHDOG.call_once(|| {
         let budget = std::env::var("DMR_TEST_BINARY_TIMEOUT_SECS")
             .ok()
             .and_then(|v| v.parse().ok())
