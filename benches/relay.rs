@@ -169,6 +169,7 @@ fn relay_with(world: &World, n: usize, window: usize, extra: &[&str]) -> Report 
     let b_key = dmr::crypto::SecretKey::from_pem(&b.key.to_pem()).unwrap();
     let receiver = smol::block_on(TestClient::connect(&url2, &b_id, &b_key)).unwrap();
     let mut sender = smol::block_on(TestClient::connect(&s1.ws_url(), &a.id, &a.key)).unwrap();
+    let cpu = CpuMeter::start(&[&s1, &s2]);
     let started = Instant::now();
     let recv_thread = {
         let sent_at = sent_at.clone();
@@ -218,6 +219,7 @@ fn relay_with(world: &World, n: usize, window: usize, extra: &[&str]) -> Report 
         }
     });
     let latencies = recv_thread.join().unwrap();
+    cpu.print(n);
     Report {
         name: "relay: agent→server→MQ→server→agent",
         messages: n,
@@ -334,6 +336,63 @@ fn relay_policy(world: &World, n: usize, window: usize) -> Report {
     let lines = std::fs::read_to_string(&audit).map_or(0, |t| t.lines().count());
     eprintln!("(audit log: {lines} lines for {n} messages over two servers)");
     r
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// The RabbitMQ node's Erlang VM on this machine, if one runs (for its CPU time).
+fn rabbitmq_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU used by the two servers and RabbitMQ during one scenario.
+struct CpuMeter {
+    pids: Vec<(&'static str, u32, Duration)>,
+}
+
+impl CpuMeter {
+    fn start(servers: &[&Server; 2]) -> Self {
+        let mut pids = vec![
+            ("server 1", servers[0].proc.child.id()),
+            ("server 2", servers[1].proc.child.id()),
+        ];
+        pids.extend(rabbitmq_pid().map(|p| ("RabbitMQ", p)));
+        let pids = pids
+            .into_iter()
+            .filter_map(|(name, pid)| Some((name, pid, cpu_time(pid)?)))
+            .collect();
+        Self { pids }
+    }
+
+    /// Prints CPU ms per message of each process (servers and RabbitMQ).
+    fn print(&self, n: usize) {
+        let per_msg: Vec<String> = self
+            .pids
+            .iter()
+            .filter_map(|(name, pid, before)| {
+                let used = cpu_time(*pid)?.saturating_sub(*before);
+                Some(format!(
+                    "{name} {:.3}",
+                    used.as_secs_f64() * 1000.0 / n as f64
+                ))
+            })
+            .collect();
+        eprintln!("(CPU ms per message: {})", per_msg.join(", "));
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
