@@ -37,7 +37,7 @@ use crate::config::{require_agent_id, split_list, AgentArgs, ConfigError, Keygen
 use crate::crypto::{Opener, Sealer};
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
-use crate::protocol::{AgentId, ClientFrame, Envelope, Limits};
+use crate::protocol::{AgentId, ClientFrame, Limits};
 use crate::signals::{self, Signal};
 use crate::signing::DirectoryKeys;
 use crate::state::State;
@@ -244,10 +244,10 @@ struct Agent {
     webhook: webhook::Webhook,
     /// Statuses of the messages this agent sent.
     statuses: Arc<status::Statuses>,
-    /// Receipts sealed by the inbox, waiting to be sent (see `receipt::run`).
+    /// Deliveries to receipt, waiting to be batched, sealed and sent (see `receipt::run`).
     receipts: (
-        async_channel::Sender<Envelope>,
-        async_channel::Receiver<Envelope>,
+        async_channel::Sender<receipt::Owed>,
+        async_channel::Receiver<receipt::Owed>,
     ),
 }
 

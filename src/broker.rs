@@ -332,6 +332,17 @@ impl Broker {
     /// [`BrokerError::NotConnected`] at once (nothing is buffered); a connection lost while
     /// waiting gives [`BrokerError::Closed`], never `Ok`.
     pub async fn publish(&self, header: &Header, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.begin_publish(header, body).await?.confirmed().await
+    }
+
+    /// [`Broker::publish`] in two steps: hands the envelope to RabbitMQ and returns at once
+    /// with a [`Publish`] whose [`Publish::confirmed`] gives the same outcome. One caller can
+    /// so keep many publishes in flight, in order, without a task per publish.
+    pub async fn begin_publish(
+        &self,
+        header: &Header,
+        body: Vec<u8>,
+    ) -> Result<Publish, BrokerError> {
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(BrokerError::Closed(
                 "this server is shutting down".to_owned(),
@@ -345,19 +356,12 @@ impl Broker {
         if let Some(reason) = lock(&live.signals.blocked).clone() {
             return Err(BrokerError::Blocked(reason));
         }
-        let result = Compat::new(live.publisher.publish(
-            &self.shared.exchange,
-            header,
-            body,
-            CONFIRM_TIMEOUT,
-        ))
-        .await;
-        match &result {
-            Ok(()) | Err(BrokerError::Refused(_)) => self.shared.health.answered(Instant::now()),
-            Err(BrokerError::Timeout) => self.shared.health.timed_out(Instant::now()),
-            Err(_) => {}
-        }
-        result
+        let confirm =
+            Compat::new(live.publisher.start(&self.shared.exchange, header, body)).await?;
+        Ok(Publish {
+            confirm,
+            broker: self.clone(),
+        })
     }
 
     /// Why publishing does not work right now although connected, if it does not: RabbitMQ
@@ -512,6 +516,27 @@ impl Broker {
                 break;
             }
         }
+    }
+}
+
+/// A publish handed to RabbitMQ, awaiting its confirm (see [`Broker::begin_publish`]).
+pub struct Publish {
+    confirm: publisher::Confirm,
+    broker: Broker,
+}
+
+impl Publish {
+    /// `Ok` once the message is durable in the recipient's queue; the errors of
+    /// [`Broker::publish`] otherwise.
+    pub async fn confirmed(self) -> Result<(), BrokerError> {
+        let result = self.confirm.wait(CONFIRM_TIMEOUT).await;
+        let health = &self.broker.shared.health;
+        match &result {
+            Ok(()) | Err(BrokerError::Refused(_)) => health.answered(Instant::now()),
+            Err(BrokerError::Timeout) => health.timed_out(Instant::now()),
+            Err(_) => {}
+        }
+        result
     }
 }
 

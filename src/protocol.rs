@@ -174,6 +174,10 @@ pub const RESERVED_KIND_PREFIX: &str = "dmr.";
 /// authenticated like any message, so the relay cannot forge a "delivered".
 pub const RECEIPT_KIND: &str = "dmr.receipt";
 
+/// The largest receipt envelope a relay exempts from its policy's rules and rates (a
+/// receipt naming one message is about 250 bytes; a batch stays under this by design).
+pub const MAX_RECEIPT_BYTES: usize = 1024;
+
 /// What a server tells a sender about one of its messages the relay dead-lettered
 /// (expired, over the delivery limit, refused by the recipient). Sent by the relay, so not
 /// authenticated: a hostile relay can claim a failure, never a delivery.
@@ -468,6 +472,57 @@ pub enum ServerFrame {
     },
 }
 
+/// The variant index of `ClientFrame::Send` (postcard writes it as the frame's first byte).
+const SEND_TAG: u8 = 2;
+/// The variant index of `ServerFrame::Deliver`.
+const DELIVER_TAG: u32 = 5;
+
+/// An envelope's clear metadata read from its encoded bytes, which were checked to be a
+/// whole, valid envelope (enc and ciphertext are borrowed and skipped, never copied).
+#[derive(Deserialize)]
+struct EnvelopeView<'a> {
+    header: Header,
+    _enc: [u8; 32],
+    #[serde(borrow)]
+    _ciphertext: &'a [u8],
+}
+
+impl Envelope {
+    /// The header of the encoded envelope `bytes` (at most `max` long), after checking that
+    /// the bytes are exactly one valid envelope: what a relay needs to route and check it
+    /// without decoding (and copying) the ciphertext.
+    pub fn header_of(bytes: &[u8], max: usize) -> Result<Header, ProtocolError> {
+        decode::<EnvelopeView>(bytes, max).map(|v| v.header)
+    }
+}
+
+impl ClientFrame {
+    /// The encoded envelope inside `frame` if it is a `Send` (not yet checked: see
+    /// [`Envelope::header_of`]). A `Send` frame is its tag followed by the envelope's bytes,
+    /// exactly as [`Envelope::to_bytes`] writes them, so a relay can store those bytes as
+    /// they came.
+    pub fn send_envelope(frame: &[u8]) -> Option<&[u8]> {
+        match frame.split_first() {
+            Some((&SEND_TAG, envelope)) => Some(envelope),
+            _ => None,
+        }
+    }
+}
+
+impl ServerFrame {
+    /// Encodes `Deliver { delivery, envelope }` from the envelope's stored bytes, without
+    /// decoding them: the frame is postcard's prefix (variant, delivery) followed by the
+    /// envelope's own encoding, byte for byte what [`ServerFrame::encode`] writes.
+    pub fn encode_deliver(delivery: u64, envelope: &[u8]) -> Vec<u8> {
+        // A varint u32 tag and a varint u64 take at most 5 + 10 bytes.
+        let mut out = Vec::with_capacity(15 + envelope.len());
+        out = postcard::to_extend(&(DELIVER_TAG, delivery), out)
+            .expect("encoding into a Vec cannot fail");
+        out.extend_from_slice(envelope);
+        out
+    }
+}
+
 macro_rules! frame_codec {
     ($ty:ty) => {
         impl $ty {
@@ -580,6 +635,60 @@ mod tests {
     }
 
     #[test]
+    fn fast_deliver_encoding_is_byte_identical_to_postcard() {
+        for (delivery, len) in [(0, 0), (5, 3), (300, 200), (u64::MAX, 70_000)] {
+            let envelope = Envelope::from_parts(header(), [7; 32], vec![0xa5; len]);
+            let stored = envelope.to_bytes();
+            let fast = ServerFrame::encode_deliver(delivery, &stored);
+            let full = ServerFrame::Deliver { delivery, envelope };
+            assert_eq!(fast, full.encode());
+            // And the agent reads it back as the same frame.
+            assert_eq!(ServerFrame::decode(&fast, 1 << 20).unwrap(), full);
+        }
+    }
+
+    #[test]
+    fn send_frames_carry_the_envelope_bytes_as_stored() {
+        let envelope = Envelope::from_parts(header(), [3; 32], vec![9; 500]);
+        let frame = ClientFrame::Send {
+            envelope: envelope.clone(),
+        }
+        .encode();
+        let inner = ClientFrame::send_envelope(&frame).unwrap();
+        assert_eq!(inner, envelope.to_bytes());
+        assert_eq!(
+            Envelope::header_of(inner, 1 << 20).unwrap(),
+            *envelope.header()
+        );
+        assert_eq!(
+            ClientFrame::send_envelope(&ClientFrame::Ack { delivery: 2 }.encode()),
+            None
+        );
+    }
+
+    #[test]
+    fn header_of_checks_the_whole_envelope() {
+        let bytes = Envelope::from_parts(header(), [3; 32], vec![9; 50]).to_bytes();
+        // Truncated anywhere (in the header, the enc or the ciphertext): refused.
+        for cut in [1, 20, bytes.len() - 40, bytes.len() - 1] {
+            assert!(matches!(
+                Envelope::header_of(&bytes[..cut], 1024),
+                Err(ProtocolError::Malformed(_))
+            ));
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            Envelope::header_of(&longer, 1024),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        assert!(matches!(
+            Envelope::header_of(&bytes, 10),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
     fn directory_signatures_must_be_64_bytes() {
         // Directory, one document, json "[]", Some(signature of 63 bytes).
         let mut bytes = vec![2u8, 1, 2, b'[', b']', 1, 63];
@@ -682,6 +791,7 @@ mod tests {
             let _ = ClientFrame::decode(&buf, 1 << 16);
             let _ = ServerFrame::decode(&buf, 1 << 16);
             let _ = Envelope::from_bytes(&buf, 1 << 16);
+            let _ = Envelope::header_of(&buf, 1 << 16);
         }
     }
 }

@@ -232,6 +232,9 @@ pub(crate) struct Shared {
     directory: RwLock<Arc<Directory>>,
     /// The signed documents `directory` was parsed from, forwarded to agents as they are.
     documents: RwLock<Arc<Vec<DirectoryDocument>>>,
+    /// The `Welcome` frame of these documents, encoded once per directory version and
+    /// shared by every session (a large directory would otherwise be encoded per login).
+    welcome: RwLock<bytes::Bytes>,
     directory_loaded: AtomicBool,
     sessions: Sessions,
     broker: Broker,
@@ -255,6 +258,11 @@ impl Shared {
     /// The directory documents as agents get them in `Welcome` and `Directory`.
     fn documents(&self) -> Arc<Vec<DirectoryDocument>> {
         crate::sync::read(&self.documents).clone()
+    }
+
+    /// The encoded `Welcome` frame of the directory in force.
+    fn welcome(&self) -> bytes::Bytes {
+        crate::sync::read(&self.welcome).clone()
     }
 }
 
@@ -313,6 +321,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             centops_tls,
             directory: RwLock::default(),
             documents: RwLock::default(),
+            welcome: RwLock::default(),
             directory_loaded: AtomicBool::new(false),
             config,
             sessions: Sessions::default(),

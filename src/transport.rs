@@ -216,9 +216,16 @@ impl Stream {
 }
 
 /// Read and write buffer of one WebSocket. tungstenite's default (128 KiB each) would cost
-/// a server a quarter of a megabyte per idle agent; chat-sized frames need far less, and
-/// the buffers grow on demand for a large envelope.
-const WS_BUFFER: usize = 8 * 1024;
+/// a server a quarter of a megabyte per idle agent; chat-sized frames need far less. The
+/// buffers grow on demand for a large frame and never shrink, which is why every writer
+/// here cuts a large message into [`FRAGMENT`]-sized frames: no buffer at either end then
+/// grows much past these sizes, whatever the message (a directory in `Welcome`, a 1 MiB
+/// envelope), and an idle session keeps only small buffers.
+const WS_BUFFER: usize = 4 * 1024;
+
+/// Largest WebSocket frame the writers here send; a longer message goes as several
+/// frames (RFC 6455 fragmentation), which the receiving WebSocket joins into one message.
+pub(crate) const FRAGMENT: usize = 4 * 1024;
 
 /// WebSocket limits: a frame may carry one envelope of `max_message_bytes` plus framing.
 pub(crate) fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
@@ -485,15 +492,109 @@ where
     use futures_util::SinkExt;
 
     let mut closing = matches!(first, Message::Close(_));
-    tx.feed(first).await?;
+    feed(tx, first).await?;
     for _ in 1..BATCH {
         if closing {
             break;
         }
         let Some(msg) = more() else { break };
         closing = matches!(msg, Message::Close(_));
-        tx.feed(msg).await?;
+        feed(tx, msg).await?;
     }
     tx.flush().await?;
     Ok(closing)
+}
+
+/// Queues `msg` for writing, a binary message longer than [`FRAGMENT`] as several frames
+/// (see [`fragments`]), so tungstenite's write buffer never has to hold all of it.
+async fn feed<S>(
+    tx: &mut async_tungstenite::WebSocketSender<S>,
+    msg: Message,
+) -> Result<(), async_tungstenite::tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+
+    match msg {
+        Message::Binary(data) if data.len() > FRAGMENT => {
+            for frame in fragments(data) {
+                tx.feed(Message::Frame(frame)).await?;
+            }
+            Ok(())
+        }
+        other => tx.feed(other).await,
+    }
+}
+
+/// A binary message as frames of at most [`FRAGMENT`] bytes: the first a binary frame, the
+/// rest continuations, the last marked final. The payload is shared, not copied.
+fn fragments(
+    mut data: bytes::Bytes,
+) -> impl Iterator<Item = async_tungstenite::tungstenite::protocol::frame::Frame> {
+    use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use async_tungstenite::tungstenite::protocol::frame::Frame;
+
+    let mut opcode = OpCode::Data(Data::Binary);
+    std::iter::from_fn(move || {
+        if data.is_empty() {
+            return None;
+        }
+        let chunk = data.split_to(FRAGMENT.min(data.len()));
+        let frame = Frame::message(chunk, opcode, data.is_empty());
+        opcode = OpCode::Data(Data::Continue);
+        Some(frame)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_tungstenite::tungstenite::protocol::Role;
+    use futures_util::StreamExt;
+
+    #[test]
+    fn fragments_cover_the_message_in_order() {
+        let data: bytes::Bytes = (0..10_000u32).map(|i| i as u8).collect::<Vec<_>>().into();
+        let frames: Vec<_> = fragments(data.clone()).collect();
+        assert_eq!(frames.len(), 3);
+        let mut joined = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            assert!(f.payload().len() <= FRAGMENT);
+            assert_eq!(f.header().is_final, i == 2);
+            joined.extend_from_slice(f.payload());
+        }
+        assert_eq!(joined, data);
+    }
+
+    /// A large message crosses as frames no longer than `FRAGMENT` (the reader refuses any
+    /// longer frame) and arrives whole, between small messages, in order.
+    #[test]
+    fn large_messages_arrive_whole_in_small_frames() {
+        smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let strict = ws_config(1 << 20).max_frame_size(Some(FRAGMENT));
+            let writer =
+                WebSocketStream::from_raw_socket(client, Role::Client, Some(ws_config(1 << 20)));
+            let reader = WebSocketStream::from_raw_socket(server, Role::Server, Some(strict));
+            let (mut tx, _rx) = writer.await.split();
+            let mut reader = reader.await;
+            let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            let (out, out_rx) = async_channel::unbounded();
+            for m in [vec![1u8], big.clone(), vec![2u8]] {
+                out.send(m).await.unwrap();
+            }
+            out.close();
+            write_loop(&mut tx, &out_rx, Message::binary).await.unwrap();
+            for want in [vec![1u8], big, vec![2u8]] {
+                match reader.next().await {
+                    Some(Ok(Message::Binary(got))) => assert!(got == want),
+                    other => panic!("expected a binary message, got {other:?}"),
+                }
+            }
+        });
+    }
 }

@@ -18,7 +18,8 @@ use dmr::protocol::{
     ClientFrame, DirectoryDocument, Envelope, Header, Kind, Limits, MessageId, ServerFrame,
 };
 use support::{
-    agent_args, free_port, http_get, wait_until, AgentProc, Proc, Server, Webhook, World, AGENT_BIN,
+    agent_args, free_port, http_call, http_get, wait_until, AgentProc, Proc, Server, Webhook,
+    World, AGENT_BIN,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -163,6 +164,44 @@ fn a_receipt_turns_sent_into_delivered() {
     assert!(a_hook.bodies().is_empty(), "{:?}", a_hook.bodies());
     assert_eq!(a_hook.attempts.load(Ordering::SeqCst), 0);
     assert_eq!(b.metric("dmr_agent_delivered_total"), 1.0);
+}
+
+/// Many messages at once: receipts are batched (many ids per receipt under load), and
+/// every message still becomes delivered.
+#[test]
+fn every_message_of_a_burst_becomes_delivered() {
+    let world = World::new("receipt-burst", &["a", "b"]);
+    let server = Server::start(&world, "server", &[]);
+    let a = AgentProc::start(&world, "a", &[&server], None, &[]);
+    let b_hook = Webhook::start();
+    let _b = AgentProc::start(&world, "b", &[&server], Some(&b_hook), &[]);
+    let addr = a.addr;
+    let senders: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                (0..8)
+                    .map(|i| {
+                        let body = json!({"recipientId": "b", "payload": {"n": t * 8 + i}});
+                        let (code, v) =
+                            http_call("POST", addr, "/v1/messages", Some(&body.to_string()), &[])
+                                .expect("agent API");
+                        assert_eq!(code, 202, "{v}");
+                        let v: Value = serde_json::from_str(&v).unwrap();
+                        v["id"].as_str().unwrap().to_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = senders
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 64);
+    for id in &ids {
+        wait_status(a.addr, id, "delivered", 30 * SECOND);
+    }
+    assert_eq!(b_hook.bodies().len(), 64);
 }
 
 // 2 ---------------------------------------------------------------------------------------

@@ -26,7 +26,11 @@ pub fn run(world: &World, n: usize) {
     let header = sealed[0].header().clone();
     let t = Instant::now();
     let sealed: Vec<_> = (0..n)
-        .map(|_| sealer.seal(&b.key.public_key(), header.clone(), &plain).unwrap())
+        .map(|_| {
+            sealer
+                .seal(&b.key.public_key(), header.clone(), &plain)
+                .unwrap()
+        })
         .collect();
     let seal = t.elapsed();
     let t = Instant::now();

@@ -8,13 +8,21 @@
 //! receipt leaves through the outbox like a message (queued while no relay takes it), is
 //! never posted to the webhook, and is never itself receipted.
 //!
+//! Under load, receipts are batched: one receipt names many delivered messages of one
+//! sender (see [`run`]). Its body keeps the first id in `receipt` and lists them all in
+//! `receipts`, `{"receipt":"<id>","receipts":["<id>",…]}`, so an agent that knows only
+//! the single form still marks one of them delivered instead of refusing the receipt.
+//! Idle, a receipt leaves at once and names one message, in the single form.
+//!
 //! The sender's inbox hands every `dmr.receipt` envelope to [`handle`]: it must be
 //! addressed to this agent, fresh, open with the claimed sender's key, and name a message
 //! this agent sent *to that sender*; then the status becomes `delivered`. Anything else is
 //! refused (dead-lettered with the reason, like an unopenable message); a receipt for a
 //! message whose status was forgotten is acknowledged and ignored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -22,50 +30,120 @@ use super::bodies::{check_fresh, now_ms};
 use super::inbox::{self, DeliveryError};
 use super::outbox::{dispatch, Dispatched};
 use super::Agent;
-use crate::protocol::{ClientFrame, Envelope, Header, Kind, MessageId};
+use crate::protocol::{AgentId, ClientFrame, Envelope, Header, Kind, MessageId};
 
-/// Seals a receipt for the delivered message `h` to its sender and hands it to [`run`].
+/// Most message ids one receipt names: with the longest agent ids, a full receipt stays
+/// under the relay's `MAX_RECEIPT_BYTES` (a test checks), so it keeps its policy exemption.
+const MAX_IDS: usize = 16;
+
+/// How long a busy agent waits for more deliveries to fill a receipt. Only when more
+/// receipts are already waiting: an idle agent sends each receipt at once.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// A delivered message whose sender is owed a receipt.
+pub(super) struct Owed {
+    sender: AgentId,
+    id: MessageId,
+}
+
+/// Queues a receipt for the delivered message `h` to its sender (see [`run`]).
 pub(super) fn send_for(agent: &Agent, h: &Header) {
     if h.kind.is_reserved() {
         return;
     }
-    let Some(sender) = agent.directory().get(&h.sender).cloned() else {
-        return log::debug!("no receipt for {}: {} left the directory", h.id, h.sender);
+    let owed = Owed {
+        sender: h.sender.clone(),
+        id: h.id,
+    };
+    let _ = agent.receipts.0.try_send(owed);
+}
+
+/// Sends the receipts [`send_for`] queued: whatever is waiting is grouped by sender into
+/// receipts of at most [`MAX_IDS`] ids, each sealed and sent on its own task.
+pub(super) async fn run(agent: Arc<Agent>) {
+    let owed = agent.receipts.1.clone();
+    while let Some(batch) = next_batch(&owed).await {
+        for (sender, ids) in batch {
+            for chunk in ids.chunks(MAX_IDS) {
+                send(&agent, &sender, chunk);
+            }
+        }
+    }
+}
+
+/// The next receipts to send, by sender. Waits for one; takes whatever else is already
+/// waiting; if anything was, lets [`BATCH_WINDOW`] gather more (at most a full receipt's
+/// worth per waiting sender). `None` once the queue is closed.
+async fn next_batch(
+    owed: &async_channel::Receiver<Owed>,
+) -> Option<HashMap<AgentId, Vec<MessageId>>> {
+    let first = owed.recv().await.ok()?;
+    let mut batch: HashMap<AgentId, Vec<MessageId>> = HashMap::new();
+    let mut add = |o: Owed| batch.entry(o.sender).or_default().push(o.id);
+    add(first);
+    let mut busy = false;
+    while let Ok(o) = owed.try_recv() {
+        add(o);
+        busy = true;
+    }
+    if busy {
+        let deadline = async_io::Timer::after(BATCH_WINDOW);
+        let gather = async {
+            while let Ok(o) = owed.recv().await {
+                add(o);
+            }
+        };
+        futures_lite::future::or(gather, async {
+            deadline.await;
+        })
+        .await;
+    }
+    Some(batch)
+}
+
+/// The sealed body of a receipt naming `ids` (at least one).
+fn receipt_body(ids: &[MessageId]) -> String {
+    let first = ids.first().map(ToString::to_string).unwrap_or_default();
+    if ids.len() == 1 {
+        return serde_json::json!({ "receipt": first }).to_string();
+    }
+    let all: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    serde_json::json!({ "receipt": first, "receipts": all }).to_string()
+}
+
+/// Seals one receipt naming `ids` to `to` and sends it on a task of its own.
+fn send(agent: &Arc<Agent>, to: &AgentId, ids: &[MessageId]) {
+    let Some(recipient) = agent.directory().get(to).cloned() else {
+        return log::debug!(
+            "no receipt for {} messages: {to} left the directory",
+            ids.len()
+        );
     };
     let header = Header {
         id: MessageId::random(),
         sender: agent.config.id.clone(),
-        recipient: h.sender.clone(),
+        recipient: to.clone(),
         created_at_ms: now_ms(),
         kind: Kind::receipt(),
         seq: 0,
     };
-    let body = serde_json::json!({ "receipt": h.id.to_string() }).to_string();
-    match agent
+    let body = receipt_body(ids);
+    let envelope = match agent
         .sealer
-        .seal(&sender.public_key, header, body.as_bytes())
+        .seal(&recipient.public_key, header, body.as_bytes())
     {
-        Ok(envelope) => {
-            let _ = agent.receipts.0.try_send(envelope);
+        Ok(envelope) => envelope,
+        Err(e) => return log::warn!("cannot seal a receipt for {} messages: {e}", ids.len()),
+    };
+    let agent = agent.clone();
+    smol::spawn(async move {
+        let id = envelope.header().id;
+        match dispatch(&agent, envelope).await {
+            Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {}
+            other => log::warn!("receipt {id} not sent: {other:?}"),
         }
-        Err(e) => log::warn!("cannot seal the receipt for {}: {e}", h.id),
-    }
-}
-
-/// Sends the receipts [`send_for`] sealed, each on its own task (they are independent).
-pub(super) async fn run(agent: Arc<Agent>) {
-    let receipts = agent.receipts.1.clone();
-    while let Ok(envelope) = receipts.recv().await {
-        let agent = agent.clone();
-        smol::spawn(async move {
-            let id = envelope.header().id;
-            match dispatch(&agent, envelope).await {
-                Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {}
-                other => log::warn!("receipt {id} not sent: {other:?}"),
-            }
-        })
-        .detach();
-    }
+    })
+    .detach();
 }
 
 /// Handles one incoming `dmr.receipt` delivery, answering on the link it came from.
@@ -100,22 +178,118 @@ async fn accept(agent: &Agent, envelope: &Envelope) -> Result<(), DeliveryError>
         return Err(DeliveryError::Stale(e));
     }
     let body = inbox::open(agent, envelope).await?;
-    let id = delivered_id(&body).ok_or_else(|| {
-        DeliveryError::NotJson("a receipt's body must be {\"receipt\":\"<message id>\"}".into())
+    let ids = delivered_ids(&body).ok_or_else(|| {
+        DeliveryError::NotJson(
+            "a receipt's body must be {\"receipt\":\"<message id>\"} or name ids in \
+             \"receipts\":[…]"
+                .into(),
+        )
     })?;
-    if agent.statuses.delivered(id, &h.sender) {
-        log::debug!("message {id} delivered to {} (receipt {})", h.sender, h.id);
-    } else {
-        log::debug!(
-            "receipt {} from {} names {id}, which this agent does not know as sent to it",
-            h.id,
-            h.sender
-        );
+    for id in ids {
+        if agent.statuses.delivered(id, &h.sender) {
+            log::debug!("message {id} delivered to {} (receipt {})", h.sender, h.id);
+        } else {
+            log::debug!(
+                "receipt {} from {} names {id}, which this agent does not know as sent to it",
+                h.id,
+                h.sender
+            );
+        }
     }
     Ok(())
 }
 
-fn delivered_id(body: &Value) -> Option<MessageId> {
-    let id = body.get("receipt")?.as_str()?;
-    uuid::Uuid::parse_str(id).ok().map(MessageId)
+/// The ids a receipt names: every one of `receipts` when present (a batch; all must be
+/// ids), else the single `receipt`.
+fn delivered_ids(body: &Value) -> Option<Vec<MessageId>> {
+    let parse = |v: &Value| uuid::Uuid::parse_str(v.as_str()?).ok().map(MessageId);
+    match body.get("receipts") {
+        Some(list) => list.as_array()?.iter().map(parse).collect(),
+        None => Some(vec![parse(body.get("receipt")?)?]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::protocol::MAX_RECEIPT_BYTES;
+
+    fn ids(n: usize) -> Vec<MessageId> {
+        (0..n).map(|_| MessageId::random()).collect()
+    }
+
+    #[test]
+    fn bodies_name_every_id_and_stay_readable_as_single_receipts() {
+        for n in [1, 2, MAX_IDS] {
+            let sent = ids(n);
+            let body: Value = serde_json::from_str(&receipt_body(&sent)).unwrap();
+            assert_eq!(delivered_ids(&body).unwrap(), sent);
+            // What an agent that knows only `receipt` reads: the first id.
+            assert_eq!(body["receipt"], sent[0].to_string());
+        }
+        let one = serde_json::json!({"receipt": MessageId::random().to_string()});
+        assert_eq!(delivered_ids(&one).unwrap().len(), 1);
+        for bad in [
+            serde_json::json!({"receipts": ["not an id"]}),
+            serde_json::json!({"receipts": "x"}),
+            serde_json::json!({"other": 1}),
+        ] {
+            assert!(delivered_ids(&bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_full_receipt_between_the_longest_ids_fits_the_relay_exemption() {
+        let (from, to) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let header = Header {
+            id: MessageId::random(),
+            sender: AgentId::new("s".repeat(64)).unwrap(),
+            recipient: AgentId::new("r".repeat(64)).unwrap(),
+            created_at_ms: u64::MAX,
+            kind: Kind::receipt(),
+            seq: 0,
+        };
+        let body = receipt_body(&ids(MAX_IDS));
+        let sealed = crate::crypto::seal(&from, &to.public_key(), header, body.as_bytes()).unwrap();
+        // The one-shot seal numbers its message 0; a live epoch's number takes up to 9
+        // more bytes on the wire.
+        let len = sealed.encoded_len() + 9;
+        assert!(len <= MAX_RECEIPT_BYTES, "{len} bytes");
+    }
+
+    #[test]
+    fn waiting_receipts_are_grouped_by_sender_and_none_is_lost() {
+        smol::block_on(async {
+            let (tx, rx) = async_channel::unbounded();
+            let (a, b) = (AgentId::new("a").unwrap(), AgentId::new("b").unwrap());
+            let mut sent = Vec::new();
+            for i in 0..40 {
+                let sender = if i % 4 == 0 { b.clone() } else { a.clone() };
+                let id = MessageId::random();
+                sent.push((sender.clone(), id));
+                tx.send(Owed { sender, id }).await.unwrap();
+            }
+            let batch = next_batch(&rx).await.unwrap();
+            assert_eq!(batch.len(), 2);
+            assert_eq!(batch[&a].len(), 30);
+            assert_eq!(batch[&b].len(), 10);
+            for (sender, id) in sent {
+                assert!(batch[&sender].contains(&id));
+            }
+            // Alone, a receipt leaves at once (no window to wait out), on its own.
+            tx.send(Owed {
+                sender: a.clone(),
+                id: MessageId::random(),
+            })
+            .await
+            .unwrap();
+            assert_eq!(next_batch(&rx).await.unwrap()[&a].len(), 1);
+            tx.close();
+            assert!(next_batch(&rx).await.is_none());
+        });
+    }
 }

@@ -219,14 +219,15 @@ impl Publisher {
         })
     }
 
-    /// Publishes and waits for the confirm. Runs inside `Compat`.
-    pub(super) async fn publish(
+    /// Hands one envelope to RabbitMQ and returns at once: the returned [`Confirm`] resolves
+    /// when RabbitMQ confirmed it, so one caller can keep many publishes in flight without
+    /// a task per publish. Runs inside `Compat`.
+    pub(super) async fn start(
         &self,
         exchange: &str,
         header: &Header,
         body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Confirm, BrokerError> {
         let message_id = header.id.0.to_string();
         let mut headers = FieldTable::new();
         for (key, value) in [
@@ -246,7 +247,7 @@ impl Publisher {
             .with_headers(headers)
             .finish();
         let recipient = header.recipient.as_str();
-        self.send(exchange, recipient, &message_id, properties, body, timeout)
+        self.hand_over(exchange, recipient, message_id, properties, body)
             .await
     }
 
@@ -261,41 +262,75 @@ impl Publisher {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), BrokerError> {
+        let message_id = message_id.to_owned();
+        self.hand_over(exchange, routing_key, message_id, properties, body)
+            .await?
+            .wait(timeout)
+            .await
+    }
+
+    /// `basic.publish` under the next delivery tag, registered for its confirm.
+    async fn hand_over(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: String,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) -> Result<Confirm, BrokerError> {
         let args = BasicPublishArguments::new(exchange, routing_key)
             .mandatory(true)
             .finish();
-        let (tag, outcome) = {
-            let mut next_tag = self.next_tag.lock().await;
-            let tag = *next_tag;
-            let outcome =
-                self.confirms
-                    .register(tag, message_id.to_owned(), routing_key.to_owned())?;
-            if let Err(e) = self
-                .channel
-                .get_ref()
-                .basic_publish(properties, body, args)
-                .await
-            {
-                self.confirms.forget(tag);
-                return Err(BrokerError::Closed(format!(
-                    "could not hand message {message_id} to RabbitMQ: {e}"
-                )));
-            }
-            *next_tag += 1;
-            (tag, outcome)
-        };
+        let mut next_tag = self.next_tag.lock().await;
+        let tag = *next_tag;
+        let outcome = self
+            .confirms
+            .register(tag, message_id.clone(), routing_key.to_owned())?;
+        if let Err(e) = self
+            .channel
+            .get_ref()
+            .basic_publish(properties, body, args)
+            .await
+        {
+            self.confirms.forget(tag);
+            return Err(BrokerError::Closed(format!(
+                "could not hand message {message_id} to RabbitMQ: {e}"
+            )));
+        }
+        *next_tag += 1;
+        Ok(Confirm {
+            tag,
+            outcome,
+            confirms: self.confirms.clone(),
+            message_id,
+        })
+    }
+}
 
+/// A publish RabbitMQ has been handed but may not have confirmed yet.
+pub(super) struct Confirm {
+    tag: u64,
+    outcome: async_channel::Receiver<Outcome>,
+    confirms: Arc<Confirms>,
+    message_id: String,
+}
+
+impl Confirm {
+    /// Waits for the confirm, at most `timeout` (then the publish is forgotten: a late
+    /// confirm finds no one waiting).
+    pub(super) async fn wait(self, timeout: Duration) -> Result<(), BrokerError> {
         let confirmed = async {
-            outcome.recv().await.unwrap_or_else(|_| {
+            self.outcome.recv().await.unwrap_or_else(|_| {
                 Err(BrokerError::Closed(format!(
-                    "the RabbitMQ connection closed before message {message_id} was confirmed; \
-                     it may or may not be stored, send it again"
+                    "the RabbitMQ connection closed before message {} was confirmed; \
+                     it may or may not be stored, send it again",
+                    self.message_id
                 )))
             })
         };
         let result = within(timeout, confirmed).await;
         if matches!(result, Err(BrokerError::Timeout)) {
-            self.confirms.forget(tag);
+            self.confirms.forget(self.tag);
         }
         result
     }

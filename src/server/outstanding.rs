@@ -4,33 +4,38 @@
 //! shutdown waits on that event rather than checking a counter on a timer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use event_listener::Event;
 
 /// A count of work in progress, with an event for when it reaches zero.
 #[derive(Default)]
-pub(crate) struct Outstanding {
+pub(crate) struct Outstanding(Arc<Count>);
+
+#[derive(Default)]
+struct Count {
     count: AtomicU64,
     /// Notified each time `count` drops to zero.
     idle: Event,
 }
 
-/// One piece of work counted in an [`Outstanding`] until dropped.
-pub(crate) struct Busy<'a>(&'a Outstanding);
+/// One piece of work counted in an [`Outstanding`] until dropped. It owns its share of
+/// the count, so it can travel with the work (a publish handed from task to task).
+pub(crate) struct Busy(Arc<Count>);
 
 impl Outstanding {
     /// Counts one piece of work until the returned guard is dropped.
-    pub(crate) fn begin(&self) -> Busy<'_> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        Busy(self)
+    pub(crate) fn begin(&self) -> Busy {
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+        Busy(self.0.clone())
     }
 
     /// Resolves once no work is in progress (at once if none is).
     pub(crate) async fn finished(&self) {
         loop {
             // Listen before looking, so a drop to zero in between is not missed.
-            let listener = self.idle.listen();
-            if self.count.load(Ordering::SeqCst) == 0 {
+            let listener = self.0.idle.listen();
+            if self.0.count.load(Ordering::SeqCst) == 0 {
                 return;
             }
             listener.await;
@@ -39,11 +44,11 @@ impl Outstanding {
 
     /// Work in progress right now.
     pub(crate) fn count(&self) -> u64 {
-        self.count.load(Ordering::SeqCst)
+        self.0.count.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify(usize::MAX);

@@ -25,7 +25,8 @@ use crate::audit::{self, Meta};
 use crate::broker::{BrokerError, Consumer, Delivery};
 use crate::crypto::{Challenge, ChannelBinding, PublicKey};
 use crate::protocol::{
-    AgentId, ClientFrame, Envelope, RejectCode, ServerFrame, FRAME_OVERHEAD, PROTOCOL_VERSION,
+    AgentId, ClientFrame, Envelope, Header, RejectCode, ServerFrame, FRAME_OVERHEAD,
+    MAX_RECEIPT_BYTES, PROTOCOL_VERSION,
 };
 use crate::sync::lock;
 use crate::transport::{self, Metered, Stream, WebSocket};
@@ -33,9 +34,6 @@ use crate::wait::{with_timeout, Backoff};
 
 type Sender = async_tungstenite::WebSocketSender<Metered<Stream>>;
 type Receiver = async_tungstenite::WebSocketReceiver<Metered<Stream>>;
-
-/// Largest receipt envelope exempt from the policy (a real one is about 250 bytes).
-const MAX_RECEIPT_BYTES: usize = 1024;
 
 /// Publishes one session may have waiting for RabbitMQ confirms at once.
 const MAX_PENDING_SENDS: usize = 256;
@@ -231,12 +229,10 @@ async fn serve(
     rx: Receiver,
     events: async_channel::Receiver<Event>,
 ) -> String {
-    let (out, out_rx) = async_channel::bounded::<Message>(256);
-    let welcome = ServerFrame::Welcome {
-        directory: shared.documents().to_vec(),
-        limits: shared.config.limits(),
-    };
-    let _ = out.try_send(binary(&welcome));
+    // Unbounded, so an idle session preallocates nothing; what waits in it is bounded all
+    // the same: deliveries by the consumer's prefetch, answers by MAX_PENDING_SENDS.
+    let (out, out_rx) = async_channel::unbounded::<Message>();
+    let _ = out.try_send(Message::Binary(shared.welcome()));
     let inflight = Arc::new(Inflight::default());
     let (done, writer_done) = async_channel::bounded::<()>(1);
     let writer = smol::spawn(writer(shared.clone(), tx, out_rx, done));
@@ -246,12 +242,16 @@ async fn serve(
         inflight.clone(),
         out.clone(),
     ));
+    let (publishes, confirms) = async_channel::unbounded();
+    // One task per session answers every publish of the session, in order, as RabbitMQ
+    // confirms them; it ends once the reader is gone and the last confirm is in.
+    smol::spawn(answer_confirms(shared.clone(), confirms, out.clone())).detach();
     let reader = reader(
         shared.clone(),
         agent.clone(),
         rx,
         inflight.clone(),
-        out.clone(),
+        publishes,
     );
     let writer_gone = async {
         let _ = writer_done.recv().await;
@@ -315,7 +315,7 @@ async fn reader(
     agent: AgentId,
     mut rx: Receiver,
     inflight: Arc<Inflight>,
-    out: async_channel::Sender<Message>,
+    publishes: async_channel::Sender<Pending>,
 ) -> String {
     let max = shared.config.max_message_bytes + FRAME_OVERHEAD;
     let sends = Arc::new(Semaphore::new(MAX_PENDING_SENDS));
@@ -332,21 +332,26 @@ async fn reader(
             Some(Some(Ok(_))) => continue,
         };
         shared.metrics.frames_in.inc();
+        // The hot path: a `Send` is routed on its header alone and stored as it came.
+        if let Some(envelope) = ClientFrame::send_envelope(&bytes) {
+            let header = match Envelope::header_of(envelope, max) {
+                Ok(h) => h,
+                Err(e) => return format!("bad frame: {e}"),
+            };
+            let permit = sends.acquire_arc().await;
+            let pending = accept(&shared, &agent, header, envelope).await;
+            if publishes.send(Pending { pending, permit }).await.is_err() {
+                return "session ended".into();
+            }
+            continue;
+        }
         let frame = match ClientFrame::decode(&bytes, max) {
             Ok(f) => f,
             Err(e) => return format!("bad frame: {e}"),
         };
         match frame {
-            ClientFrame::Send { envelope } => {
-                let permit = sends.acquire_arc().await;
-                let (shared, agent, out) = (shared.clone(), agent.clone(), out.clone());
-                smol::spawn(async move {
-                    let reply = accept(&shared, &agent, envelope).await;
-                    let _ = out.send(binary(&reply)).await;
-                    drop(permit);
-                })
-                .detach();
-            }
+            // Handled above; a `Send` never decodes here.
+            ClientFrame::Send { .. } => {}
             ClientFrame::Ack { delivery } => settle(&shared, &inflight, delivery, None).await,
             ClientFrame::Nack { delivery, reason } => {
                 settle(&shared, &inflight, delivery, Some(reason)).await
@@ -355,6 +360,47 @@ async fn reader(
                 return "handshake frame after the handshake".into()
             }
         }
+    }
+}
+
+/// A `Send` the reader has dealt with: answered already, or waiting for RabbitMQ's confirm.
+struct Pending {
+    pending: Accepting,
+    /// Its place under [`MAX_PENDING_SENDS`], freed once answered.
+    permit: async_lock::SemaphoreGuardArc,
+}
+
+/// Where an envelope stands after [`accept`].
+enum Accepting {
+    /// Refused before publishing.
+    Refused(ServerFrame),
+    /// Handed to RabbitMQ; the answer waits for the confirm.
+    Published(Box<Published>),
+}
+
+/// A publish awaiting its confirm, with what its answer and audit line need.
+struct Published {
+    publish: crate::broker::Publish,
+    header: Header,
+    bytes: usize,
+    started: Instant,
+    _confirming: super::outstanding::Busy,
+}
+
+/// Answers the session's publishes in the order they were made, each once RabbitMQ
+/// confirmed it (confirms come in publish order, so waiting in order costs nothing).
+async fn answer_confirms(
+    shared: Arc<Shared>,
+    confirms: async_channel::Receiver<Pending>,
+    out: async_channel::Sender<Message>,
+) {
+    while let Ok(Pending { pending, permit }) = confirms.recv().await {
+        let reply = match pending {
+            Accepting::Refused(frame) => frame,
+            Accepting::Published(p) => confirmed(&shared, *p).await,
+        };
+        let _ = out.send(binary(&reply)).await;
+        drop(permit);
     }
 }
 
@@ -409,73 +455,101 @@ async fn dead_letter(
     }
 }
 
-/// Validates and publishes one envelope; the answer is `Accepted` only once RabbitMQ confirmed.
-async fn accept(shared: &Shared, agent: &AgentId, envelope: Envelope) -> ServerFrame {
-    let h = envelope.header();
-    let id = h.id;
-    let reject = |code: RejectCode, reason: String| {
-        shared
-            .metrics
-            .rejected
-            .get_or_create(&[("code", code.as_str())])
-            .inc();
-        let why = format!("{}: {reason}", code.as_str());
-        let bytes = envelope.encoded_len();
-        shared
-            .guard
-            .audit(audit::Event::Refused, h, bytes, Some(&why));
-        ServerFrame::Rejected { id, code, reason }
-    };
+fn reject(
+    shared: &Shared,
+    h: &Header,
+    bytes: usize,
+    code: RejectCode,
+    reason: String,
+) -> ServerFrame {
+    shared
+        .metrics
+        .rejected
+        .get_or_create(&[("code", code.as_str())])
+        .inc();
+    let why = format!("{}: {reason}", code.as_str());
+    shared
+        .guard
+        .audit(audit::Event::Refused, h, bytes, Some(&why));
+    ServerFrame::Rejected {
+        id: h.id,
+        code,
+        reason,
+    }
+}
+
+/// Validates one envelope (`body`, with header `h`) and hands it to RabbitMQ; the answer is
+/// `Accepted` only once RabbitMQ confirmed it (see [`confirmed`]).
+async fn accept(shared: &Shared, agent: &AgentId, h: Header, body: &[u8]) -> Accepting {
+    let bytes = body.len();
+    let refused = |code, reason| Accepting::Refused(reject(shared, &h, bytes, code, reason));
     if &h.sender != agent {
-        return reject(
-            RejectCode::ForgedSender,
-            format!("sender {} is not the authenticated agent {agent}", h.sender),
-        );
+        let why = format!("sender {} is not the authenticated agent {agent}", h.sender);
+        return refused(RejectCode::ForgedSender, why);
     }
     if !shared.directory().contains(&h.recipient) {
-        return reject(
-            RejectCode::UnknownRecipient,
-            format!("recipient {} is not in the directory", h.recipient),
-        );
+        let why = format!("recipient {} is not in the directory", h.recipient);
+        return refused(RejectCode::UnknownRecipient, why);
     }
-    let body = envelope.to_bytes();
-    if body.len() > shared.config.max_message_bytes {
-        let max = shared.config.max_message_bytes;
-        return reject(
-            RejectCode::TooLarge,
-            format!("envelope of {} bytes exceeds {max}", body.len()),
-        );
+    let max = shared.config.max_message_bytes;
+    if bytes > max {
+        let why = format!("envelope of {bytes} bytes exceeds {max}");
+        return refused(RejectCode::TooLarge, why);
     }
     // Receipts are exempt from the policy's rules and rates: small by construction, never
     // shown to a local service, and a sender must be able to learn of every delivery.
-    let receipt = h.kind.is_receipt() && body.len() <= MAX_RECEIPT_BYTES;
+    let receipt = h.kind.is_receipt() && bytes <= MAX_RECEIPT_BYTES;
     if let Err((code, reason)) = match receipt {
         true => Ok(()),
-        false => shared.guard.check(&shared.directory(), h, body.len()),
+        false => shared.guard.check(&shared.directory(), &h, bytes),
     } {
-        return reject(code, reason);
+        return refused(code, reason);
     }
-    let bytes = body.len();
     let confirming = shared.outstanding.begin();
     let started = Instant::now();
-    let result = shared.broker.publish(h, body).await;
-    drop(confirming);
-    match result {
+    match shared.broker.begin_publish(&h, body.to_vec()).await {
+        Ok(publish) => Accepting::Published(Box::new(Published {
+            publish,
+            header: h,
+            bytes,
+            started,
+            _confirming: confirming,
+        })),
+        Err(e) => Accepting::Refused(refusal(shared, &h, bytes, e)),
+    }
+}
+
+/// Waits for the confirm of `p`: `Accepted`, or `Rejected` with why.
+async fn confirmed(shared: &Shared, p: Published) -> ServerFrame {
+    let Published {
+        publish,
+        header: h,
+        bytes,
+        started,
+        _confirming,
+    } = p;
+    match publish.confirmed().await {
         Ok(()) => {
             shared
                 .metrics
                 .confirm_seconds
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.accepted.inc();
-            shared.guard.audit(audit::Event::Accepted, h, bytes, None);
-            ServerFrame::Accepted { id }
+            shared.guard.audit(audit::Event::Accepted, &h, bytes, None);
+            ServerFrame::Accepted { id: h.id }
         }
-        Err(e @ (BrokerError::NotConnected | BrokerError::Blocked(_))) => {
-            reject(RejectCode::Unavailable, e.to_string())
-        }
-        Err(e @ BrokerError::Refused(_)) => reject(RejectCode::BrokerRefused, e.to_string()),
-        Err(e) => reject(RejectCode::Timeout, e.to_string()),
+        Err(e) => refusal(shared, &h, bytes, e),
     }
+}
+
+/// The `Rejected` answer to a publish RabbitMQ did not take.
+fn refusal(shared: &Shared, h: &Header, bytes: usize, e: BrokerError) -> ServerFrame {
+    let code = match e {
+        BrokerError::NotConnected | BrokerError::Blocked(_) => RejectCode::Unavailable,
+        BrokerError::Refused(_) => RejectCode::BrokerRefused,
+        _ => RejectCode::Timeout,
+    };
+    reject(shared, h, bytes, code, e.to_string())
 }
 
 /// Feeds the agent from its queue while the session lives, resuming after RabbitMQ
@@ -508,8 +582,10 @@ async fn pump(
                 }
                 continue;
             }
-            let envelope = match Envelope::from_bytes(&d.body, max) {
-                Ok(e) => e,
+            // Checked (and its header read) without copying the ciphertext; the frame is
+            // then the stored bytes behind a short prefix, never decoded and re-encoded.
+            let header = match Envelope::header_of(&d.body, max) {
+                Ok(h) => h,
                 Err(e) => {
                     let reason = format!("undecodable in the queue of {agent}: {e}");
                     let _ = dead_letter(&shared, &consumer, &d, &reason, None).await;
@@ -517,17 +593,13 @@ async fn pump(
                 }
             };
             let delivery = inflight.next.fetch_add(1, Ordering::Relaxed);
-            let bytes = d.body.len();
-            lock(&inflight.tags).insert(delivery, (generation, d));
-            shared.metrics.deliveries.inc();
-            if let Some(meta) = shared.guard.delivered(envelope.header(), bytes) {
+            let frame = ServerFrame::encode_deliver(delivery, &d.body);
+            if let Some(meta) = shared.guard.delivered(&header, d.body.len()) {
                 crate::sync::lock(&inflight.audit).insert(delivery, (generation, meta));
             }
-            if out
-                .send(binary(&ServerFrame::Deliver { delivery, envelope }))
-                .await
-                .is_err()
-            {
+            lock(&inflight.tags).insert(delivery, (generation, d));
+            shared.metrics.deliveries.inc();
+            if out.send(Message::binary(frame)).await.is_err() {
                 return;
             }
         }

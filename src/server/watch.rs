@@ -259,6 +259,11 @@ async fn apply(shared: &Shared, next: Directory, documents: Vec<DirectoryDocumen
         Err(e) => log::error!("declaring agent queues: {e}"),
     }
     let next = Arc::new(next);
+    let welcome = ServerFrame::Welcome {
+        directory: documents.clone(),
+        limits: shared.config.limits(),
+    };
+    *crate::sync::write(&shared.welcome) = welcome.encode().into();
     *crate::sync::write(&shared.documents) = Arc::new(documents.clone());
     *crate::sync::write(&shared.directory) = next.clone();
     shared.directory_loaded.store(true, Ordering::SeqCst);
