@@ -187,6 +187,12 @@ async fn ended(c: &mut TestClient, limit: Duration) -> Result<String, String> {
     loop {
         let left = end.saturating_duration_since(Instant::now());
         match c.recv_within(left).await {
+            // Receipts for what this agent sent in an earlier session are its own mail.
+            Some(Ok(ServerFrame::Deliver { envelope, .. }))
+                if envelope.header().kind == Kind::receipt() =>
+            {
+                continue
+            }
             Some(Ok(f @ (ServerFrame::Welcome { .. } | ServerFrame::Deliver { .. }))) => {
                 panic!("a hostile peer was sent {f:?}")
             }
