@@ -7,7 +7,9 @@
 //!
 //! Scenarios (`DMR_BENCH_ONLY=<name>` runs one):
 //! 1. `baseline`: publish with confirms into the same kind of quorum queue, consume with
-//!    manual acks (through the project's broker module: same client, same topology).
+//!    manual acks (through the project's broker module: same client, same topology); once
+//!    with `DMR_BENCH_WINDOW` in flight and once one at a time (the yardstick of the
+//!    sequential `agents` row; `DMR_BENCH_ONLY=agents` runs this one too).
 //! 2. `relay`: a protocol-level agent sends sealed envelopes through a real `dmr-server` to
 //!    a second agent on a second `dmr-server`, which acks them (this process plays both
 //!    agents, so only the servers' and RabbitMQ's CPU is measured).
@@ -39,6 +41,8 @@
 //! - `DMR_BENCH_PAIRS` (default 50): agent pairs of `scale`.
 //! - `DMR_BENCH_AGENTS` (default 1000): idle agents of `memory`.
 //! - `DMR_BENCH_ONLY`: one scenario, by the names above.
+//! - `DMR_CHILD_THREADS` (default 2): `SMOL_THREADS` of the servers and agents started.
+//! - `DMR_CHILD_LOG` (default `info`): their `RUST_LOG`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -124,6 +128,10 @@ fn main() {
     }
     // A full run takes longer than a test binary may: the harness's watchdog stays off.
     support::no_watchdog();
+    // Servers and agents log as in production: a debug line per message is CPU of its own.
+    if std::env::var_os("DMR_CHILD_LOG").is_none() {
+        std::env::set_var("DMR_CHILD_LOG", "info");
+    }
     let n = env_usize("DMR_BENCH_MESSAGES", 5000);
     let window = env_usize("DMR_BENCH_WINDOW", 64);
     let only = std::env::var("DMR_BENCH_ONLY").unwrap_or_default();
@@ -141,12 +149,14 @@ fn main() {
     }
     report::print_header();
     let mut rows = CpuRows::default();
-    if run("baseline") {
-        rows.add(baseline::run(
-            &World::new("bench-base", &["a", "b"]),
-            n,
-            window,
-        ));
+    if run("baseline") || only == "agents" {
+        let world = World::new("bench-base", &["a", "b"]);
+        if run("baseline") {
+            rows.add(baseline::run(&world, n, window));
+        }
+        // The yardstick of the sequential `agents` row (c=1): its p50 should stay within
+        // about a millisecond of this one's.
+        rows.add(baseline::run(&world, n.min(AGENT_ROW_MESSAGES), 1));
     }
     if run("relay") || only == "policy" {
         rows.add(wire::relay(

@@ -79,7 +79,11 @@ pub fn run(world: &World, n: usize, window: usize) -> Report {
         let cpu = meter.stop(n);
         broker.close().await;
         Report {
-            name: "raw RabbitMQ (confirm + ack)".into(),
+            name: if window == 1 {
+                "raw RabbitMQ, one at a time".into()
+            } else {
+                "raw RabbitMQ (confirm + ack)".into()
+            },
             messages: n,
             elapsed,
             latencies,

@@ -434,8 +434,15 @@ impl Proc {
         let child = Command::new(bin)
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info,dmr=debug")
-            .env("SMOL_THREADS", "2")
+            // Debug lines help a failing test's post-mortem; benchmarks ask for less.
+            .env(
+                "RUST_LOG",
+                std::env::var("DMR_CHILD_LOG").unwrap_or_else(|_| "info,dmr=debug".into()),
+            )
+            .env(
+                "SMOL_THREADS",
+                std::env::var("DMR_CHILD_THREADS").unwrap_or_else(|_| "2".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
