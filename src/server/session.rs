@@ -278,7 +278,8 @@ async fn serve(
     let consumer = lock(&inflight.consumer).take();
     // The pump is cancelled, so this is the last handle; dropping any other still closes.
     if let Some(consumer) = consumer.and_then(|(_, c)| Arc::try_unwrap(c).ok()) {
-        consumer.close().await;
+        // Boxed: amqprs' close future would otherwise sit in the session task all along.
+        Box::pin(consumer.close()).await;
     }
     reason
 }
