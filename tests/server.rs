@@ -433,6 +433,33 @@ fn unacked_message_survives_a_killed_instance() {
 }
 
 #[test]
+fn unacked_message_returns_when_the_session_ends() {
+    let world = World::new("requeue", &["alice", "bob"]);
+    let server = Server::start(&world, "server", &[]);
+    let env = envelope(world.agent("alice"), world.agent("bob"), b"come back");
+    let id = env.header().id;
+    smol::block_on(async {
+        let mut a = login(&server, &world, "alice").await;
+        expect_accepted(&send(&mut a, env).await);
+        let mut b = login(&server, &world, "bob").await;
+        let (_, got) = b.next_delivery(10 * SECOND).await.expect("delivered");
+        assert_eq!(got.header().id, id);
+        // No Ack: the session ends with the delivery outstanding.
+        hang_up(b).await;
+        let mut b = login(&server, &world, "bob").await;
+        let (delivery, got) = b
+            .next_delivery(10 * SECOND)
+            .await
+            .expect("the unacked message is delivered again to the next session");
+        assert_eq!(got.header().id, id);
+        b.send(ClientFrame::Ack { delivery }).await;
+        hang_up(b).await;
+    });
+    assert!(peek_queue(&world.queue("bob"), 5, SECOND).is_empty());
+    assert_eq!(server.metric("dmr_server_deliveries_total"), 2.0);
+}
+
+#[test]
 fn a_second_session_replaces_the_first() {
     let world = World::new("replace", &["alice", "bob"]);
     let server = Server::start(&world, "server", &[]);

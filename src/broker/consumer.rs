@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicNackArguments, BasicQosArguments, Channel,
+    ConsumerMessage,
 };
 use amqprs::connection::Connection;
-use amqprs::consumer::AsyncConsumer;
-use amqprs::{BasicProperties, Deliver, FieldValue};
+use amqprs::{BasicProperties, FieldValue};
 use async_compat::Compat;
-use async_trait::async_trait;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::channel::{ChannelWatch, CloseReason};
 use super::compat::close_detached;
@@ -53,7 +53,9 @@ pub struct Delivery {
 pub struct Consumer {
     /// Wrapped so that dropping it anywhere enters the tokio context amqprs needs.
     channel: Compat<Channel>,
-    deliveries: async_channel::Receiver<Delivery>,
+    /// Straight from amqprs' dispatcher: no task of ours (or amqprs') per consumer, which
+    /// matters with one consumer per connected agent. Only the session's pump reads it.
+    deliveries: async_lock::Mutex<UnboundedReceiver<ConsumerMessage>>,
     queue: String,
     generation: u64,
     closed: CloseReason,
@@ -83,7 +85,6 @@ impl Consumer {
             .await
             .map_err(|e| fail(e, None))?;
         let (watch, closed) = ChannelWatch::new(closed_channels, Some(queue.clone()));
-        let (tx, deliveries) = async_channel::unbounded();
         let setup = async {
             channel.register_callback(watch).await?;
             channel
@@ -92,13 +93,13 @@ impl Consumer {
             let args = BasicConsumeArguments::new(&queue, "")
                 .manual_ack(true)
                 .finish();
-            channel.basic_consume(Forwarder { tx }, args).await
+            channel.basic_consume_rx(args).await
         };
-        setup.await.map_err(|e| fail(e, Some(&closed)))?;
+        let (_tag, deliveries) = setup.await.map_err(|e| fail(e, Some(&closed)))?;
         let channel = Compat::new(channel);
         Ok(Self {
             channel,
-            deliveries,
+            deliveries: async_lock::Mutex::new(deliveries),
             queue,
             generation,
             closed,
@@ -109,7 +110,13 @@ impl Consumer {
     /// (broker restart, consumer cancelled by RabbitMQ, …). Then call [`Consumer::close`]
     /// and, after [`super::Broker::connected`], consume again.
     pub async fn next(&self) -> Option<Delivery> {
-        self.deliveries.recv().await.ok()
+        loop {
+            let message = self.deliveries.lock().await.recv().await?;
+            // amqprs fills all three for every delivery; skip anything else.
+            if let Some(d) = delivery(message) {
+                return Some(d);
+            }
+        }
     }
 
     /// Acknowledges a delivery of this consumer: RabbitMQ forgets the message.
@@ -164,44 +171,35 @@ impl Consumer {
     }
 }
 
-/// Hands deliveries from amqprs' consumer task to [`Consumer::next`].
-struct Forwarder {
-    tx: async_channel::Sender<Delivery>,
-}
-
-#[async_trait]
-impl AsyncConsumer for Forwarder {
-    async fn consume(
-        &mut self,
-        _channel: &Channel,
-        deliver: Deliver,
-        properties: BasicProperties,
-        body: Vec<u8>,
-    ) {
-        let header = |name: &str| {
-            let value = properties.headers()?.get(&name.try_into().ok()?)?;
-            Some(value)
-        };
-        let text = |name: &str| match header(name)? {
-            FieldValue::S(s) => Some(String::from(s.clone())),
-            _ => None,
-        };
-        let delivery = Delivery {
-            tag: deliver.delivery_tag(),
-            body,
-            redelivered: deliver.redelivered(),
-            delivery_count: header("x-delivery-count").and_then(as_count),
-            message_id: properties.message_id().cloned(),
-            sender: text(super::HEADER_SENDER),
-            recipient: text(super::HEADER_RECIPIENT),
-            reason: text(super::HEADER_REASON),
-            routing_key: deliver.routing_key().clone(),
-            properties,
-        };
-        // Unbounded, but bounded in practice by the consumer's prefetch. If the Consumer is
-        // gone, the message stays unacked and returns to the queue with the channel.
-        let _ = self.tx.try_send(delivery);
-    }
+/// A [`Delivery`] from what amqprs' dispatcher assembled (method, properties, body).
+fn delivery(message: ConsumerMessage) -> Option<Delivery> {
+    let ConsumerMessage {
+        deliver,
+        basic_properties,
+        content,
+        ..
+    } = message;
+    let (deliver, properties, body) = (deliver?, basic_properties?, content?);
+    let header = |name: &str| {
+        let value = properties.headers()?.get(&name.try_into().ok()?)?;
+        Some(value)
+    };
+    let text = |name: &str| match header(name)? {
+        FieldValue::S(s) => Some(String::from(s.clone())),
+        _ => None,
+    };
+    Some(Delivery {
+        tag: deliver.delivery_tag(),
+        body,
+        redelivered: deliver.redelivered(),
+        delivery_count: header("x-delivery-count").and_then(as_count),
+        message_id: properties.message_id().cloned(),
+        sender: text(super::HEADER_SENDER),
+        recipient: text(super::HEADER_RECIPIENT),
+        reason: text(super::HEADER_REASON),
+        routing_key: deliver.routing_key().clone(),
+        properties,
+    })
 }
 
 fn as_count(v: &FieldValue) -> Option<u64> {

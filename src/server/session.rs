@@ -72,7 +72,13 @@ pub(super) async fn run(shared: Arc<Shared>, ws: WebSocket, peer: SocketAddr, pr
         }
     };
     let limit = shared.config.handshake_timeout;
-    let proven = with_timeout(limit, handshake(&shared, channel, &mut tx, &mut rx)).await;
+    // Boxed here and below: a task's future is allocated whole for the task's life, so a
+    // step taken once or per message (but never while idle) is kept out of it.
+    let proven = with_timeout(
+        limit,
+        Box::pin(handshake(&shared, channel, &mut tx, &mut rx)),
+    )
+    .await;
     let (agent, key) = match proven {
         Some(Ok(proven)) => {
             pre_login.logged_in();
@@ -272,7 +278,8 @@ async fn serve(
     let consumer = lock(&inflight.consumer).take();
     // The pump is cancelled, so this is the last handle; dropping any other still closes.
     if let Some(consumer) = consumer.and_then(|(_, c)| Arc::try_unwrap(c).ok()) {
-        consumer.close().await;
+        // Boxed: amqprs' close future would otherwise sit in the session task all along.
+        Box::pin(consumer.close()).await;
     }
     reason
 }
@@ -339,7 +346,7 @@ async fn reader(
                 Err(e) => return format!("bad frame: {e}"),
             };
             let permit = sends.acquire_arc().await;
-            let pending = accept(&shared, &agent, header, envelope).await;
+            let pending = Box::pin(accept(&shared, &agent, header, envelope)).await;
             if publishes.send(Pending { pending, permit }).await.is_err() {
                 return "session ended".into();
             }
@@ -352,9 +359,11 @@ async fn reader(
         match frame {
             // Handled above; a `Send` never decodes here.
             ClientFrame::Send { .. } => {}
-            ClientFrame::Ack { delivery } => settle(&shared, &inflight, delivery, None).await,
+            ClientFrame::Ack { delivery } => {
+                Box::pin(settle(&shared, &inflight, delivery, None)).await
+            }
             ClientFrame::Nack { delivery, reason } => {
-                settle(&shared, &inflight, delivery, Some(reason)).await
+                Box::pin(settle(&shared, &inflight, delivery, Some(reason))).await
             }
             ClientFrame::Hello { .. } | ClientFrame::Proof { .. } => {
                 return "handshake frame after the handshake".into()
@@ -397,7 +406,7 @@ async fn answer_confirms(
     while let Ok(Pending { pending, permit }) = confirms.recv().await {
         let reply = match pending {
             Accepting::Refused(frame) => frame,
-            Accepting::Published(p) => confirmed(&shared, *p).await,
+            Accepting::Published(p) => Box::pin(confirmed(&shared, *p)).await,
         };
         let _ = out.send(binary(&reply)).await;
         drop(permit);
@@ -565,7 +574,8 @@ async fn pump(
     for generation in 0u64.. {
         // Resolves at once while connected, else when the broker has reconnected.
         shared.broker.connected().await;
-        let consumer = match shared.broker.consume(&agent, shared.config.prefetch).await {
+        let consuming = shared.broker.consume(&agent, shared.config.prefetch);
+        let consumer = match Box::pin(consuming).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 log::warn!("agent {agent}: cannot consume its queue yet: {e}");
@@ -577,7 +587,8 @@ async fn pump(
         while let Some(d) = consumer.next().await {
             retry.reset();
             if let Some(notice) = d.notice() {
-                if !forward_notice(&inflight, generation, d, notice, &consumer, &out).await {
+                let forwarded = forward_notice(&inflight, generation, d, notice, &consumer, &out);
+                if !Box::pin(forwarded).await {
                     return;
                 }
                 continue;
@@ -588,7 +599,7 @@ async fn pump(
                 Ok(h) => h,
                 Err(e) => {
                     let reason = format!("undecodable in the queue of {agent}: {e}");
-                    let _ = dead_letter(&shared, &consumer, &d, &reason, None).await;
+                    let _ = Box::pin(dead_letter(&shared, &consumer, &d, &reason, None)).await;
                     continue;
                 }
             };
