@@ -187,7 +187,8 @@ async fn accept(agent: &Agent, envelope: &Envelope) -> Result<(), DeliveryError>
     })?;
     for id in ids {
         if agent.statuses.delivered(id, &h.sender) {
-            log::debug!("message {id} delivered to {} (receipt {})", h.sender, h.id);
+            // Trace: one line per delivered message (the status change says it too).
+            log::trace!("message {id} delivered to {} (receipt {})", h.sender, h.id);
         } else {
             log::debug!(
                 "receipt {} from {} names {id}, which this agent does not know as sent to it",
