@@ -17,6 +17,7 @@ mod link;
 mod outbox;
 mod receipt;
 mod replay;
+mod runtime;
 mod status;
 mod trust;
 mod webhook;
@@ -359,7 +360,7 @@ impl Agent {
             link: Mutex::default(),
             metrics: AgentMetrics::default(),
             webhook: webhook::Webhook::new(
-                crate::http::Client::new(tls.clone()),
+                crate::http::Client::on(runtime::SPAWNER, tls.clone()),
                 webhook_retry_max,
             ),
             tls,
@@ -371,7 +372,7 @@ impl Agent {
 pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
     let agent = Agent::new(AgentConfig::from_args(args)?)?;
     let signals = signals::listen()?;
-    smol::block_on(serve(agent, signals))
+    runtime::block_on(serve(agent, signals))
 }
 
 /// Off loopback the API is reachable by others: say what protects it, and what does not.
@@ -428,18 +429,18 @@ async fn serve(
             false => "none (agent keys are pinned on first use)",
         }
     );
-    let recorder = smol::spawn(replay::record(agent.clone()));
-    let expiry = smol::spawn(replay::expire(agent.clone()));
-    let confirmations = smol::spawn(trust::watch_confirmations(agent.clone()));
-    let link = smol::spawn(link::run(agent.clone()));
+    let recorder = runtime::spawn(replay::record(agent.clone()));
+    let expiry = runtime::spawn(replay::expire(agent.clone()));
+    let confirmations = runtime::spawn(trust::watch_confirmations(agent.clone()));
+    let link = runtime::spawn(link::run(agent.clone()));
     let (stop_writer, writer_stop) = async_channel::bounded::<()>(1);
-    let writer = smol::spawn(status::run_writer(agent.statuses.clone(), writer_stop));
-    let drain = smol::spawn(outbox::drain(agent.clone()));
-    let receipts = smol::spawn(receipt::run(agent.clone()));
+    let writer = runtime::spawn(status::run_writer(agent.statuses.clone(), writer_stop));
+    let drain = runtime::spawn(outbox::drain(agent.clone()));
+    let receipts = runtime::spawn(receipt::run(agent.clone()));
     let notifier = agent.config.status_url.clone().map(|url| {
-        let client = crate::http::Client::new(agent.tls.clone());
+        let client = crate::http::Client::on(runtime::SPAWNER, agent.tls.clone());
         let retry = agent.config.webhook_retry_max;
-        smol::spawn(status::run_notifier(
+        runtime::spawn(status::run_notifier(
             agent.statuses.clone(),
             client,
             url,
@@ -463,7 +464,7 @@ async fn serve(
         on_refused: None,
         max_head_bytes: Some(API_MAX_HEAD),
     };
-    crate::http::serve_with(listener, None, options, handler, stop).await;
+    crate::http::serve_on(runtime::SPAWNER, listener, None, options, handler, stop).await;
     log::info!("stopping: finishing deliveries in progress");
     inbox::drain(&agent, Duration::from_secs(10)).await;
     drop((link, drain, receipts, notifier));

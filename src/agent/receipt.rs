@@ -136,7 +136,7 @@ fn send(agent: &Arc<Agent>, to: &AgentId, ids: &[MessageId]) {
         Err(e) => return log::warn!("cannot seal a receipt for {} messages: {e}", ids.len()),
     };
     let agent = agent.clone();
-    smol::spawn(async move {
+    super::runtime::spawn(async move {
         let id = envelope.header().id;
         match dispatch(&agent, envelope).await {
             Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {}
@@ -187,7 +187,8 @@ async fn accept(agent: &Agent, envelope: &Envelope) -> Result<(), DeliveryError>
     })?;
     for id in ids {
         if agent.statuses.delivered(id, &h.sender) {
-            log::debug!("message {id} delivered to {} (receipt {})", h.sender, h.id);
+            // Trace: one line per delivered message (the status change says it too).
+            log::trace!("message {id} delivered to {} (receipt {})", h.sender, h.id);
         } else {
             log::debug!(
                 "receipt {} from {} names {id}, which this agent does not know as sent to it",

@@ -180,7 +180,8 @@ impl Statuses {
     }
 
     fn notify(&self, id: MessageId, r: &StatusRecord) {
-        log::debug!("message {id} to {}: {}", r.recipient, r.status);
+        // Trace, not debug: one line per message and change is the busiest log there is.
+        log::trace!("message {id} to {}: {}", r.recipient, r.status);
         let Some(tx) = &self.notify else { return };
         let mut body = serde_json::json!({
             "id": id.to_string(),
