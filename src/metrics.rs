@@ -170,6 +170,7 @@ pub(crate) struct AgentMetrics {
     pub(crate) rejected: Labeled,
     pub(crate) delivered: Counter,
     pub(crate) duplicates: Counter,
+    pub(crate) receipts_sent: Counter,
     pub(crate) stale: Counter,
     pub(crate) webhook_failures: Counter,
     pub(crate) webhook_up: Gauge,
@@ -193,6 +194,7 @@ impl Default for AgentMetrics {
             rejected: Labeled::default(),
             delivered: Counter::default(),
             duplicates: Counter::default(),
+            receipts_sent: Counter::default(),
             stale: Counter::default(),
             webhook_failures: Counter::default(),
             webhook_up: Gauge::default(),
@@ -246,6 +248,11 @@ impl Default for AgentMetrics {
             "duplicates",
             "Redelivered messages dropped as already delivered",
             m.duplicates.clone(),
+        );
+        r.register(
+            "receipts_sent",
+            "Receipt envelopes sent back to senders (under load one names up to 16 messages)",
+            m.receipts_sent.clone(),
         );
         r.register(
             "stale",

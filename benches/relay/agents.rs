@@ -11,7 +11,7 @@ use crate::body::{Bodies, Size};
 use crate::cpu::{CpuMeter, Role, Watched};
 use crate::loadgen::{self, Target};
 use crate::report::Report;
-use crate::support::{free_port, AgentProc, Server, World};
+use crate::support::{self, free_port, AgentProc, Server, World};
 use crate::webhook::Webhook;
 
 /// How long the messages of one row may take to arrive before the row is cut short.
@@ -69,6 +69,7 @@ pub fn run(n: usize, concurrency: &[usize], sizes: &[Size], mut emit: impl FnMut
         let bodies = Arc::new(Bodies::new(size, 1));
         let body_bytes = bodies.body(&uuid::Uuid::nil().to_string(), "b").len();
         for &c in concurrency {
+            let receipts_before = receipts_sent(b.addr);
             let meter = CpuMeter::start(watched());
             let started = Instant::now();
             let sent = loadgen::post(&target, c, n, &bodies);
@@ -80,6 +81,12 @@ pub fn run(n: usize, concurrency: &[usize], sizes: &[Size], mut emit: impl FnMut
             }
             let arrived = hook.take_arrivals();
             meter.settle();
+            let receipts = receipts_sent(b.addr) - receipts_before;
+            println!(
+                "(agents c={c} {size}: {receipts} receipt envelopes for {} messages, {:.2} per message)",
+                arrived.len(),
+                receipts / arrived.len().max(1) as f64
+            );
             emit(Report {
                 name: format!("agents: API→webhook c={c}, {body_bytes} B"),
                 messages: arrived.len(),
@@ -89,4 +96,10 @@ pub fn run(n: usize, concurrency: &[usize], sizes: &[Size], mut emit: impl FnMut
             });
         }
     }
+}
+
+/// Receipt envelopes the recipient agent has sent so far: each costs a trip through the
+/// servers and RabbitMQ of its own, so receipts per message is their share of that CPU.
+fn receipts_sent(agent: SocketAddr) -> f64 {
+    support::scrape_metric(agent, "dmr_agent_receipts_sent_total")
 }

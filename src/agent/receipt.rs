@@ -139,7 +139,9 @@ fn send(agent: &Arc<Agent>, to: &AgentId, ids: &[MessageId]) {
     super::runtime::spawn(async move {
         let id = envelope.header().id;
         match dispatch(&agent, envelope).await {
-            Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {}
+            Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {
+                agent.metrics.receipts_sent.inc();
+            }
             other => log::warn!("receipt {id} not sent: {other:?}"),
         }
     })
