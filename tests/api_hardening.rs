@@ -572,23 +572,10 @@ fn api_connections_over_the_cap_get_503() {
         None,
         &["--max-api-connections", "3"],
     );
-    let mut idle = Vec::new();
-    let status = loop {
-        let (status, _) = raw(alice.addr, "GET", "/healthz", &[], "");
-        if status != 200 || idle.len() > 3 {
-            break status;
-        }
-        // An accepted connection counts at once, even while it says nothing.
-        idle.push(TcpStream::connect(alice.addr).unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    println!("with {} idle connections: {status}", idle.len());
-    assert_eq!(status, 503, "with {} idle connections", idle.len());
-    assert!(
-        idle.len() <= 3,
-        "{} idle connections and still served",
-        idle.len()
-    );
+    assert_eq!(raw(alice.addr, "GET", "/healthz", &[], "").0, 200);
+    let idle = support::hold_idle_connections(alice.addr, 3);
+    let (status, _) = raw(alice.addr, "GET", "/healthz", &[], "");
+    assert_eq!(status, 503, "with 3 idle connections held");
     drop(idle);
     wait_until(10 * SECOND, "the API to answer again", || {
         http_get(alice.addr, "/healthz").is_some_and(|r| r.0 == 200)

@@ -98,13 +98,6 @@ fn get_closing(addr: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// Whether the server answered `s` (on which nothing was sent) with its over-capacity 503.
-fn was_refused(s: &TcpStream) -> bool {
-    s.set_read_timeout(Some(SECOND / 5)).unwrap();
-    let mut first = [0u8; 12];
-    matches!(s.peek(&mut first), Ok(n) if n > 0 && first[..n].starts_with(b"HTTP/1.1 503"))
-}
-
 fn handshakes(server: &Server, result: &str) -> f64 {
     server.metric(&format!(
         "dmr_server_handshakes_total{{result=\"{result}\"}}"
@@ -206,22 +199,7 @@ fn connections_over_the_cap_are_refused_and_counted() {
     let world = World::new("hard-conncap", &["alice"]);
     let server = Server::start(&world, "server", &["--max-connections", "4"]);
     assert!(get_closing(server.addr, "/healthz").starts_with("HTTP/1.1 200"));
-    // Idle sockets count as soon as they are accepted; say nothing on them. One accepted
-    // while an earlier request still held its place (given back just after that
-    // connection closes) is refused instead and holds nothing: it is replaced.
-    let mut idle: Vec<TcpStream> = Vec::new();
-    for _ in 0..20 {
-        idle.retain(|s| !was_refused(s));
-        if idle.len() == 4 {
-            break;
-        }
-        idle.push(TcpStream::connect(server.addr).unwrap());
-    }
-    assert_eq!(
-        idle.len(),
-        4,
-        "could not fill the cap with idle connections"
-    );
+    let idle = support::hold_idle_connections(server.addr, 4);
     let answer = get_closing(server.addr, "/healthz");
     assert!(
         answer.starts_with("HTTP/1.1 503") && answer.contains("too many connections"),

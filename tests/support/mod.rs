@@ -521,6 +521,30 @@ impl Drop for Proc {
     }
 }
 
+/// Opens `n` connections to `addr` that say nothing and hold a place under a connection
+/// cap. One accepted while an earlier request still held its place (given back just after
+/// that connection closes) is refused with a 503 instead and holds nothing: it is replaced.
+pub fn hold_idle_connections(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    let mut idle: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..5 * n {
+        idle.retain(|s| !was_refused(s));
+        if idle.len() == n {
+            break;
+        }
+        idle.push(std::net::TcpStream::connect(addr).unwrap());
+    }
+    assert_eq!(idle.len(), n, "could not hold {n} idle connections");
+    idle
+}
+
+/// Whether the peer answered `s` (on which nothing was sent) with a 503 (over its cap).
+fn was_refused(s: &std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut first = [0u8; 12];
+    matches!(s.peek(&mut first), Ok(n) if n > 0 && first[..n].starts_with(b"HTTP/1.1 503"))
+}
+
 /// Plain HTTP GET on loopback; returns status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     http_call("GET", addr, path, None, &[])
