@@ -149,11 +149,6 @@ impl Default for ServerMetrics {
 }
 
 impl ServerMetrics {
-    /// The Prometheus text exposition.
-    pub(crate) fn render(&self) -> String {
-        render_all(&[&self.registry, &self.build])
-    }
-
     /// The exposition with `extra`'s metrics (unprefixed names) in the same document.
     pub fn render_with(&self, extra: &Registry) -> String {
         render_all(&[&self.registry, &self.build, extra])
@@ -314,7 +309,7 @@ fn render_all(registries: &[&Registry]) -> String {
     out
 }
 
-/// The content type Prometheus expects for [`ServerMetrics::render`].
+/// The content type Prometheus expects for [`ServerMetrics::render_with`].
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Both binaries' metrics as Prometheus text, with every labelled family given one sample
@@ -331,7 +326,7 @@ pub fn exposition_of_every_metric() -> String {
     }
     let agent = AgentMetrics::default();
     agent.rejected.get_or_create(&[("test", "test")]).inc();
-    server.render() + &agent.render()
+    server.render_with(&Registry::default()) + &agent.render()
 }
 
 /// Serves `GET /metrics` (and nothing else) from `render` on its own listener

@@ -57,7 +57,9 @@ pub(super) struct Statuses {
 impl Statuses {
     /// `ttl_ms` is the freshness window; `notify` whether `--status-url` is set.
     pub(super) fn new(state: Arc<State>, ttl_ms: u64, notify: bool) -> Self {
-        let (tx, rx) = async_channel::bounded(MAX_NOTIFICATIONS);
+        // Unbounded, capped by hand in `notify`: a bounded channel allocates all its slots
+        // up front (4 MB here), even for an agent without `--status-url`.
+        let (tx, rx) = async_channel::unbounded();
         Self {
             state,
             ttl_ms,
@@ -193,11 +195,11 @@ impl Statuses {
             body["reason"] = reason.clone().into();
         }
         let body = Bytes::from(body.to_string());
-        if let Err(async_channel::TrySendError::Full(body)) = tx.try_send(body) {
+        if tx.len() >= MAX_NOTIFICATIONS {
             log::warn!("--status-url is not keeping up: dropping the oldest status notification");
             let _ = self.notifications.try_recv();
-            let _ = tx.try_send(body);
         }
+        let _ = tx.try_send(body);
     }
 
     /// Writes the changes made since the last batch in one transaction.
