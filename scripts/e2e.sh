@@ -43,7 +43,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   # The demo's queues live under its own prefix; remove them so runs don't pile up.
-  for q in "${prefix}dmr.agent.police" "${prefix}dmr.agent.tax-board" "${prefix}dmr.dlq"; do
+  for q in "${prefix}dmr.agent.police" "${prefix}dmr.agent.tax-board" "${prefix}dmr.dlq" \
+    "${prefix}dmr.failures"; do
     timeout 20 rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
   done
   for x in "${prefix}dmr.messages" "${prefix}dmr.dlx"; do

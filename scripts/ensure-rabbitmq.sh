@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure a healthy RabbitMQ node answers on this machine: installs Debian's
 # rabbitmq-server if it is missing, starts it if it is down, restarts it if it runs with an
-# open-files limit too small for the tests, deletes queues an interrupted test run left
-# behind, then enables the monitoring plugins. Used by scripts/test.sh and scripts/e2e.sh.
+# open-files limit too small for the tests, deletes queues interrupted test runs left
+# behind (with --delete-stale-queues), then enables the monitoring plugins. Used by scripts/test.sh and scripts/e2e.sh.
 #
 # Why the limit matters: RabbitMQ budgets file handles from the limit it booted with
 # (limit - ~100). At a shell's usual 1024, a few hundred quorum queues use them all up and
@@ -10,7 +10,17 @@
 # that hung until its 90-minute deadline). Debian's wrapper starts the node through `su`,
 # which resets the limit, so as root we start it with setpriv, which keeps ours.
 set -euo pipefail
-case "${1:-}" in -h|--help) echo "usage: scripts/ensure-rabbitmq.sh   (root on Debian for the install and restart steps)"; exit 0 ;; esac
+clean_stale=
+case "${1:-}" in
+  -h|--help)
+    echo "usage: scripts/ensure-rabbitmq.sh [--delete-stale-queues]   (root on Debian for the install and restart steps)"
+    echo "  --delete-stale-queues  delete queues named t-* and e2e-* (left by interrupted test and demo runs;"
+    echo "                         scripts/test.sh passes it: do not while other test runs use the node)"
+    exit 0 ;;
+  --delete-stale-queues) clean_stale=1 ;;
+  "") ;;
+  *) echo "ensure-rabbitmq: unknown argument $1 (see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
@@ -79,12 +89,16 @@ fi
 timeout 120 rabbitmqctl await_startup
 
 # Queues of test runs that were killed before they could clean up (tests name theirs
-# "t-<test>-<8 hex>."). Each costs file handles and memory on the shared node.
-stale=$(timeout 60 rabbitmqctl -q list_queues name 2>/dev/null | grep -E '^t-' || true)
+# "t-<test>-<8 hex>.", the demo "e2e-<time>-<pid>."). Each costs file handles and memory.
+stale=
+if [ -n "$clean_stale" ]; then
+  stale=$(timeout 60 rabbitmqctl -q list_queues name 2>/dev/null | grep -E '^(t|e2e)-' || true)
+fi
 if [ -n "$stale" ]; then
   log "deleting $(wc -l <<<"$stale") queues left by earlier test runs"
   while read -r q; do
-    timeout 20 rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    # </dev/null: rabbitmqctl reads stdin, which would swallow the rest of the list.
+    timeout 20 rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true
   done <<<"$stale"
 fi
 scripts/rabbitmq-setup.sh

@@ -31,7 +31,7 @@ need promtool prometheus          # tests/ops.rs: promtool check rules deploy/pr
 need shellcheck shellcheck        # tests/ops.rs: lints scripts/*.sh
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
-scripts/ensure-rabbitmq.sh
+scripts/ensure-rabbitmq.sh --delete-stale-queues
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
