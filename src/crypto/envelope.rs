@@ -414,13 +414,9 @@ mod tests {
     #[test]
     fn the_opener_cache_stays_bounded() {
         let b = SecretKey::generate().unwrap();
-        let opener = Opener::with_capacity(SecretKey::generate().unwrap(), 2);
-        let opener = Opener {
-            keys: vec![Arc::new(b)],
-            ..opener
-        };
+        let to = b.public_key();
+        let opener = Opener::with_capacity(b, 2);
         let senders: Vec<_> = (0..4).map(|_| SecretKey::generate().unwrap()).collect();
-        let to = opener.keys[0].public_key();
         for s in &senders {
             let env = seal(s, &to, header(), b"x").unwrap();
             opener.open(&s.public_key(), &env).unwrap();
