@@ -55,7 +55,7 @@ pub struct Consumer {
     channel: Compat<Channel>,
     /// Straight from amqprs' dispatcher: no task of ours (or amqprs') per consumer, which
     /// matters with one consumer per connected agent. Only the session's pump reads it.
-    deliveries: async_lock::Mutex<UnboundedReceiver<ConsumerMessage>>,
+    deliveries: async_lock::Mutex<UnboundedReceiver<Box<ConsumerMessage>>>,
     queue: String,
     generation: u64,
     closed: CloseReason,
@@ -172,13 +172,13 @@ impl Consumer {
 }
 
 /// A [`Delivery`] from what amqprs' dispatcher assembled (method, properties, body).
-fn delivery(message: ConsumerMessage) -> Option<Delivery> {
+fn delivery(message: Box<ConsumerMessage>) -> Option<Delivery> {
     let ConsumerMessage {
         deliver,
         basic_properties,
         content,
         ..
-    } = message;
+    } = *message;
     let (deliver, properties, body) = (deliver?, basic_properties?, content?);
     let header = |name: &str| {
         let value = properties.headers()?.get(&name.try_into().ok()?)?;

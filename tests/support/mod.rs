@@ -374,7 +374,7 @@ fn tokio_sleep_until(wait: Duration) -> Instant {
 
 async fn tokio_pin(
     out: &mut Vec<RawMessage>,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Box<amqprs::channel::ConsumerMessage>>,
     max: usize,
     end: Instant,
 ) {

@@ -14,11 +14,11 @@ pub(crate) struct ChannelResource {
 
     /// connection's default channel does not have dispatcher
     /// each channel has one and only one dispatcher
-    pub dispatcher: Option<UnboundedSender<IncomingMessage>>,
+    pub dispatcher: Option<UnboundedSender<Box<IncomingMessage>>>,
 }
 
 impl ChannelResource {
-    pub(crate) fn new(dispatcher: Option<UnboundedSender<IncomingMessage>>) -> Self {
+    pub(crate) fn new(dispatcher: Option<UnboundedSender<Box<IncomingMessage>>>) -> Self {
         Self {
             responders: HashMap::new(),
             dispatcher,
@@ -92,7 +92,7 @@ impl ChannelManager {
     pub fn get_dispatcher(
         &self,
         channel_id: &AmqpChannelId,
-    ) -> Option<&UnboundedSender<IncomingMessage>> {
+    ) -> Option<&UnboundedSender<Box<IncomingMessage>>> {
         self.resource.get(channel_id)?.dispatcher.as_ref()
     }
 

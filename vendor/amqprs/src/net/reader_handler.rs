@@ -209,7 +209,7 @@ impl ReaderHandler {
                 let dispatcher = self.channel_manager.get_dispatcher(&channel_id);
                 match dispatcher {
                     Some(dispatcher) => {
-                        dispatcher.send(frame)?;
+                        dispatcher.send(Box::new(frame))?;
                         Ok(())
                     }
                     None => {

@@ -286,6 +286,18 @@ impl BufIoWriter {
         frame: Frame,
         frame_max: LongUint,
     ) -> Result<usize> {
+        self.encode_frame(channel, frame, frame_max).await?;
+        self.flush_buffer().await
+    }
+
+    // DMR patch: encode a frame into the write buffer without writing it, so that the
+    // writer task can gather every frame already queued into one `write`.
+    pub async fn encode_frame(
+        &mut self,
+        channel: AmqpChannelId,
+        frame: Frame,
+        frame_max: LongUint,
+    ) -> Result<()> {
         // TODO: tracing
         #[cfg(feature = "traces")]
         trace!("SENT on channel {}: {}", channel, frame);
@@ -301,7 +313,16 @@ impl BufIoWriter {
         } else {
             self.serialize_frame_into_buffer(channel, frame).await?;
         }
-        // flush whole buffer
+        Ok(())
+    }
+
+    // DMR patch: bytes encoded but not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    // DMR patch: write every encoded frame at once.
+    pub async fn flush_buffer(&mut self) -> Result<usize> {
         self.stream.write_all(&self.buffer).await?;
 
         // discard sent data in write buffer

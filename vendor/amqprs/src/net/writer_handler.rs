@@ -14,6 +14,9 @@ use crate::{
 
 use super::{BufIoWriter, OutgoingMessage};
 
+/// DMR patch: most bytes gathered into one `write` by [`WriterHandler::write_queued`].
+const COALESCE_BYTES: usize = 64 * 1024;
+
 pub(crate) struct WriterHandler {
     stream: BufIoWriter,
     /// receiver half to forward outgoing messages from AMQ connection/channel to server
@@ -39,6 +42,26 @@ impl WriterHandler {
         }
     }
 
+    /// DMR patch: writes `frame` and every frame queued behind it (up to
+    /// `COALESCE_BYTES`) with one `write`, instead of one `write` per frame.
+    async fn write_queued(
+        &mut self,
+        channel_id: ShortUint,
+        frame: Frame,
+    ) -> Result<usize, super::Error> {
+        let frame_max = self.amqp_connection.frame_max();
+        self.stream.encode_frame(channel_id, frame, frame_max).await?;
+        while self.stream.buffered() < COALESCE_BYTES {
+            match self.outgoing_rx.try_recv() {
+                Ok((channel_id, frame)) => {
+                    self.stream.encode_frame(channel_id, frame, frame_max).await?
+                }
+                Err(_) => break,
+            }
+        }
+        self.stream.flush_buffer().await
+    }
+
     pub async fn run_until_shutdown(mut self, heartbeat: ShortUint) {
         // to take in acount network delay and congestion
         // heartbeat should be sent at a interval of timeout / 2
@@ -54,7 +77,7 @@ impl WriterHandler {
                         None => break,
                         Some(v) => v,
                     };
-                    if let Err(err) = self.stream.write_frame(channel_id, frame, self.amqp_connection.frame_max()).await {
+                    if let Err(err) = self.write_queued(channel_id, frame).await {
                         #[cfg(feature="tracing")]
                         error!("failed to send frame over connection {}, cause: {}", self.amqp_connection, err);
                         break;

@@ -553,12 +553,12 @@ impl Channel {
     pub async fn basic_consume_rx(
         &self,
         args: BasicConsumeArguments,
-    ) -> Result<(String, mpsc::UnboundedReceiver<ConsumerMessage>)> {
+    ) -> Result<(String, mpsc::UnboundedReceiver<Box<ConsumerMessage>>)> {
         let consumer_tag = self.request_basic_consume(args).await?;
 
         let (consumer_tx, consumer_rx): (
-            mpsc::UnboundedSender<ConsumerMessage>,
-            mpsc::UnboundedReceiver<ConsumerMessage>,
+            mpsc::UnboundedSender<Box<ConsumerMessage>>,
+            mpsc::UnboundedReceiver<Box<ConsumerMessage>>,
         ) = mpsc::unbounded_channel();
 
         self.register_consumer(consumer_tag.clone(), consumer_tx)
@@ -615,8 +615,8 @@ impl Channel {
         F: AsyncConsumer + Send + 'static,
     {
         let (consumer_tx, mut consumer_rx): (
-            mpsc::UnboundedSender<ConsumerMessage>,
-            mpsc::UnboundedReceiver<ConsumerMessage>,
+            mpsc::UnboundedSender<Box<ConsumerMessage>>,
+            mpsc::UnboundedReceiver<Box<ConsumerMessage>>,
         ) = mpsc::unbounded_channel();
 
         let ctag = consumer_tag.clone();
@@ -662,8 +662,8 @@ impl Channel {
         F: BlockingConsumer + Send + 'static,
     {
         let (consumer_tx, mut consumer_rx): (
-            mpsc::UnboundedSender<ConsumerMessage>,
-            mpsc::UnboundedReceiver<ConsumerMessage>,
+            mpsc::UnboundedSender<Box<ConsumerMessage>>,
+            mpsc::UnboundedReceiver<Box<ConsumerMessage>>,
         ) = mpsc::unbounded_channel();
 
         let ctag = consumer_tag.clone();
@@ -705,7 +705,7 @@ impl Channel {
     async fn register_consumer(
         &self,
         consumer_tag: String,
-        consumer_tx: mpsc::UnboundedSender<ConsumerMessage>,
+        consumer_tx: mpsc::UnboundedSender<Box<ConsumerMessage>>,
     ) -> Result<()> {
         self.shared.dispatcher_mgmt_tx.send(
             DispatcherManagementCommand::RegisterContentConsumer(RegisterContentConsumer {

@@ -36,7 +36,7 @@ struct ConsumerResource {
     fifo: VecDeque<ConsumerMessage>,
     /// tx channel to forward a delivery to a consumer task.
     /// dispatcher task holds the tx half, and the consumer task holds the rx half.
-    tx: Option<mpsc::UnboundedSender<ConsumerMessage>>,
+    tx: Option<mpsc::UnboundedSender<Box<ConsumerMessage>>>,
     /// expiry time of fifo buffer
     expiration: Option<time::Instant>,
 }
@@ -52,14 +52,14 @@ impl ConsumerResource {
 
     fn register_tx(
         &mut self,
-        tx: mpsc::UnboundedSender<ConsumerMessage>,
-    ) -> Option<mpsc::UnboundedSender<ConsumerMessage>> {
+        tx: mpsc::UnboundedSender<Box<ConsumerMessage>>,
+    ) -> Option<mpsc::UnboundedSender<Box<ConsumerMessage>>> {
         // once consumer's tx half is registered, clear the expiry timer
         self.expiration.take();
         self.tx.replace(tx)
     }
 
-    fn get_tx(&self) -> Option<&mpsc::UnboundedSender<ConsumerMessage>> {
+    fn get_tx(&self) -> Option<&mpsc::UnboundedSender<Box<ConsumerMessage>>> {
         self.tx.as_ref()
     }
 
@@ -91,7 +91,7 @@ enum State {
 /// It also dispatch messages to consumers.
 pub(crate) struct ChannelDispatcher {
     channel: Channel,
-    dispatcher_rx: mpsc::UnboundedReceiver<IncomingMessage>,
+    dispatcher_rx: mpsc::UnboundedReceiver<Box<IncomingMessage>>,
     dispatcher_mgmt_rx: mpsc::UnboundedReceiver<DispatcherManagementCommand>,
     consumer_resources: HashMap<String, ConsumerResource>,
     get_content_responder: Option<mpsc::UnboundedSender<IncomingMessage>>,
@@ -103,7 +103,7 @@ pub(crate) struct ChannelDispatcher {
 impl ChannelDispatcher {
     pub(crate) fn new(
         channel: Channel,
-        dispatcher_rx: mpsc::UnboundedReceiver<IncomingMessage>,
+        dispatcher_rx: mpsc::UnboundedReceiver<Box<IncomingMessage>>,
         dispatcher_mgmt_rx: mpsc::UnboundedReceiver<DispatcherManagementCommand>,
     ) -> Self {
         Self {
@@ -171,7 +171,7 @@ impl ChannelDispatcher {
         let consumer = self.get_or_new_consumer_resource(&consumer_tag);
         match consumer.get_tx() {
             Some(consumer_tx) => {
-                if (consumer_tx.send(consumer_message)).is_err() {
+                if (consumer_tx.send(Box::new(consumer_message))).is_err() {
                     #[cfg(feature = "traces")]
                     error!(
                         "failed to dispatch message to consumer {} on channel {}",
@@ -259,7 +259,7 @@ impl ChannelDispatcher {
                                     #[cfg(feature="traces")]
                                     trace!("consumer {} total buffered messages: {}", cmd.consumer_tag, consumer.fifo.len());
                                     let msg = consumer.pop_message().unwrap();
-                                    if let Err(_err) = consumer.get_tx().unwrap().send(msg) {
+                                    if let Err(_err) = consumer.get_tx().unwrap().send(Box::new(msg)) {
                                         #[cfg(feature="traces")]
                                         error!("failed to forward message to consumer {}", cmd.consumer_tag);
                                     }
@@ -298,7 +298,7 @@ impl ChannelDispatcher {
                                 debug!("dispatcher mpsc channel closed, channel {}", self.channel);
                                 break;
                             },
-                            Some(v) => v,
+                            Some(v) => *v,
                         };
                         // handle frames
                         match frame {

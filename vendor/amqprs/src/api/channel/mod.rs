@@ -70,7 +70,7 @@ pub(crate) struct GetOkMessage {
 /// Command to register consumer of asynchronous delivered contents.
 pub(crate) struct RegisterContentConsumer {
     consumer_tag: String,
-    consumer_tx: mpsc::UnboundedSender<ConsumerMessage>,
+    consumer_tx: mpsc::UnboundedSender<Box<ConsumerMessage>>,
 }
 
 /// Command to deregister consumer of asynchronous delivered contents.
