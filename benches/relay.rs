@@ -41,7 +41,6 @@
 //! - `DMR_BENCH_PAIRS` (default 50): agent pairs of `scale`.
 //! - `DMR_BENCH_AGENTS` (default 1000): idle agents of `memory`.
 //! - `DMR_BENCH_ONLY`: one scenario, by the names above.
-//! - `DMR_CHILD_THREADS` (default 2): `SMOL_THREADS` of the servers and agents started.
 //! - `DMR_CHILD_LOG` (default `info`): their `RUST_LOG`.
 
 #[path = "../tests/support/mod.rs"]
@@ -137,8 +136,7 @@ fn main() {
     let only = std::env::var("DMR_BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only == name;
     println!(
-        "DMR relay benchmark: {n} messages, {window} in flight, SMOL_THREADS={}, {} clock ticks/s",
-        std::env::var("SMOL_THREADS").unwrap_or_default(),
+        "DMR relay benchmark: {n} messages, {window} in flight, {} clock ticks/s",
         procs::clock_ticks_per_second()
     );
     match cpu::rabbitmq_background(Duration::from_secs(2)) {

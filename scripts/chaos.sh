@@ -46,7 +46,6 @@ esac
 cd "$(dirname "$0")/.."
 root=$PWD
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
-export SMOL_THREADS=${SMOL_THREADS:-2}
 export DMR_FAULT_MESSAGES=${DMR_FAULT_MESSAGES:-40}
 report=${CARGO_TARGET_DIR:-target}/fault-report.txt
 

@@ -17,7 +17,6 @@ esac
 cd "$(dirname "$0")/.."
 root=$PWD
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
-export SMOL_THREADS=${SMOL_THREADS:-2}
 
 say() { printf '\n== %s\n' "$*"; }
 fail() { printf '\nFAIL: %s\n' "$*"; exit 1; }

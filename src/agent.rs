@@ -17,7 +17,6 @@ mod link;
 mod outbox;
 mod receipt;
 mod replay;
-mod runtime;
 mod status;
 mod trust;
 mod webhook;
@@ -39,6 +38,7 @@ use crate::crypto::{Opener, Sealer};
 use crate::directory::Directory;
 use crate::metrics::AgentMetrics;
 use crate::protocol::{AgentId, ClientFrame, Limits};
+use crate::runtime;
 use crate::signals::{self, Signal};
 use crate::signing::DirectoryKeys;
 use crate::state::State;
@@ -360,7 +360,7 @@ impl Agent {
             link: Mutex::default(),
             metrics: AgentMetrics::default(),
             webhook: webhook::Webhook::new(
-                crate::http::Client::on(runtime::SPAWNER, tls.clone()),
+                crate::http::Client::new(tls.clone()),
                 webhook_retry_max,
             ),
             tls,
@@ -438,7 +438,7 @@ async fn serve(
     let drain = runtime::spawn(outbox::drain(agent.clone()));
     let receipts = runtime::spawn(receipt::run(agent.clone()));
     let notifier = agent.config.status_url.clone().map(|url| {
-        let client = crate::http::Client::on(runtime::SPAWNER, agent.tls.clone());
+        let client = crate::http::Client::new(agent.tls.clone());
         let retry = agent.config.webhook_retry_max;
         runtime::spawn(status::run_notifier(
             agent.statuses.clone(),
@@ -464,7 +464,7 @@ async fn serve(
         on_refused: None,
         max_head_bytes: Some(API_MAX_HEAD),
     };
-    crate::http::serve_on(runtime::SPAWNER, listener, None, options, handler, stop).await;
+    crate::http::serve_with(listener, None, options, handler, stop).await;
     log::info!("stopping: finishing deliveries in progress");
     inbox::drain(&agent, Duration::from_secs(10)).await;
     drop((link, drain, receipts, notifier));

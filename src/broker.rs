@@ -253,7 +253,7 @@ impl Broker {
             done,
             health: PublishHealth::default(),
         });
-        smol::spawn(Compat::new(supervisor::supervise(shared.clone(), done_tx))).detach();
+        crate::runtime::spawn(Compat::new(supervisor::supervise(shared.clone(), done_tx))).detach();
         Ok(Broker { shared })
     }
 

@@ -30,29 +30,6 @@ pub(crate) type Io = FuturesIo<Metered<Stream>>;
 /// Every response body here is a complete buffer.
 pub type Body = Full<Bytes>;
 
-/// Which executor the tasks of [`serve_on`] and a [`Client`] run on.
-#[derive(Clone, Copy, Default)]
-pub enum Spawner {
-    /// smol's global executor (`smol::spawn`).
-    #[default]
-    Global,
-    /// A caller's own executor (the agent runs one on its main thread).
-    On(&'static smol::Executor<'static>),
-}
-
-impl Spawner {
-    /// Spawns `future` on this executor.
-    pub fn spawn<T: Send + 'static>(
-        self,
-        future: impl Future<Output = T> + Send + 'static,
-    ) -> smol::Task<T> {
-        match self {
-            Self::Global => smol::spawn(future),
-            Self::On(executor) => executor.spawn(future),
-        }
-    }
-}
-
 /// Bounds on what one listener accepts. The default bounds nothing beyond hyper's own limits.
 #[derive(Clone, Default)]
 pub struct ServeOptions {
@@ -120,24 +97,12 @@ pub async fn serve_with<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_on(Spawner::Global, listener, tls, options, handler, stop).await
-}
-
-/// [`serve_with`], each connection's task spawned by `spawner`.
-pub async fn serve_on<H, F>(
-    spawner: Spawner,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    options: ServeOptions,
-    handler: H,
-    stop: impl Future<Output = ()>,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
     let open = Arc::new(Count::default());
     let refusing = Arc::new(Count::default());
-    let accept = async {
+    // A task of its own, polled only when the listener is ready: polled inline, beside
+    // `stop`, every wake-up of the caller's task would retry `accept` (async-io assumes a
+    // re-poll means readiness), one failing syscall per message. Dropping it stops it.
+    let accept = crate::runtime::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -156,7 +121,7 @@ pub async fn serve_on<H, F>(
                         if let Some(f) = &options.on_refused {
                             f(peer);
                         }
-                        refuse_connection(spawner, tcp, tls.is_some(), &refusing);
+                        refuse_connection(tcp, tls.is_some(), &refusing);
                         continue;
                     }
                 },
@@ -164,78 +129,70 @@ pub async fn serve_on<H, F>(
             let _ = tcp.set_nodelay(true);
             let (tls, handler) = (tls.clone(), handler.clone());
             let max_head = options.max_head_bytes;
-            spawner
-                .spawn(async move {
-                    let stream = match tls {
-                        None => Stream::Plain(tcp),
-                        Some(acceptor) => {
-                            match with_timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                            {
-                                Some(Ok(s)) => Stream::TlsServer(Box::new(s)),
-                                Some(Err(e)) => {
-                                    return log::debug!("TLS handshake with {peer} failed: {e}")
-                                }
-                                None => return log::debug!("TLS handshake with {peer} timed out"),
+            crate::runtime::spawn(async move {
+                let stream = match tls {
+                    None => Stream::Plain(tcp),
+                    Some(acceptor) => {
+                        match with_timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Some(Ok(s)) => Stream::TlsServer(Box::new(s)),
+                            Some(Err(e)) => {
+                                return log::debug!("TLS handshake with {peer} failed: {e}")
                             }
+                            None => return log::debug!("TLS handshake with {peer} timed out"),
                         }
-                    };
-                    let stream = match held {
-                        Some(h) => Metered::new(stream).holding(h),
-                        None => Metered::new(stream),
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let fut = handler(req, peer);
-                        async move { Ok::<_, std::convert::Infallible>(fut.await) }
-                    });
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(SmolTimer::new())
-                        .header_read_timeout(Duration::from_secs(10));
-                    if let Some(max) = max_head {
-                        builder.max_buf_size(max.max(8192));
                     }
-                    let conn = builder
-                        .serve_connection(FuturesIo::new(stream), service)
-                        .with_upgrades();
-                    if let Err(e) = conn.await {
-                        log::debug!("HTTP connection from {peer} ended: {e}");
-                    }
-                })
-                .detach();
+                };
+                let stream = match held {
+                    Some(h) => Metered::new(stream).holding(h),
+                    None => Metered::new(stream),
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(SmolTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+                if let Some(max) = max_head {
+                    builder.max_buf_size(max.max(8192));
+                }
+                let conn = builder
+                    .serve_connection(FuturesIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    log::debug!("HTTP connection from {peer} ended: {e}");
+                }
+            })
+            .detach();
         }
-    };
+    });
     futures_lite::future::or(accept, stop).await;
 }
 
 /// Tells a plain-HTTP client over the connection cap `503` (without reading its request),
 /// or just closes: a TLS client would need a handshake first, which is what the cap spares.
-fn refuse_connection(
-    spawner: Spawner,
-    tcp: smol::net::TcpStream,
-    tls: bool,
-    refusing: &Arc<Count>,
-) {
+fn refuse_connection(tcp: smol::net::TcpStream, tls: bool, refusing: &Arc<Count>) {
     let Some(held) = (!tls).then(|| refusing.take(MAX_REFUSING)).flatten() else {
         return;
     };
-    spawner
-        .spawn(async move {
-            use futures_lite::{AsyncReadExt, AsyncWriteExt};
-            let mut tcp = tcp;
-            let answer = async {
-                tcp.write_all(OVER_CAPACITY).await?;
-                tcp.flush().await?;
-                tcp.shutdown(std::net::Shutdown::Write)?;
-                // Reading what the client sent lets the close be orderly (no reset that could
-                // destroy the answer before the client read it).
-                let mut sink = [0u8; 4096];
-                while tcp.read(&mut sink).await? > 0 {}
-                Ok::<_, std::io::Error>(())
-            };
-            let _ = with_timeout(Duration::from_secs(1), answer).await;
-            drop(held);
-        })
-        .detach();
+    crate::runtime::spawn(async move {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tcp;
+        let answer = async {
+            tcp.write_all(OVER_CAPACITY).await?;
+            tcp.flush().await?;
+            tcp.shutdown(std::net::Shutdown::Write)?;
+            // Reading what the client sent lets the close be orderly (no reset that could
+            // destroy the answer before the client read it).
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = with_timeout(Duration::from_secs(1), answer).await;
+        drop(held);
+    })
+    .detach();
 }
 
 /// The WebSocket a `101` answer leads to, once hyper hands the connection over, with the
@@ -503,8 +460,6 @@ const IDLE_PER_HOST: usize = 32;
 
 /// An HTTP/1.1 client that reuses keep-alive connections.
 pub struct Client {
-    /// Runs the tasks that drive the client's connections.
-    spawner: Spawner,
     tls: Option<futures_rustls::TlsConnector>,
     max_response_bytes: usize,
     idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Kept>>>,
@@ -513,13 +468,7 @@ pub struct Client {
 impl Client {
     /// `tls` is used for `https://` (the web PKI roots when `None`).
     pub fn new(tls: Option<futures_rustls::TlsConnector>) -> Self {
-        Self::on(Spawner::Global, tls)
-    }
-
-    /// [`Client::new`], its connection tasks spawned by `spawner`.
-    pub fn on(spawner: Spawner, tls: Option<futures_rustls::TlsConnector>) -> Self {
         Self {
-            spawner,
             tls,
             max_response_bytes: MAX_RESPONSE_BYTES,
             idle: Default::default(),
@@ -629,7 +578,7 @@ impl Client {
                 port,
                 source,
             })?;
-        let task = self.spawner.spawn(async move {
+        let task = crate::runtime::spawn(async move {
             let _ = driver.await;
         });
         Ok((conn, task))

@@ -15,6 +15,7 @@
 //! - [`agent`]: `dmr-agent run` — local API, sealing, delivery to the local service.
 //! - [`config`]: command-line flags and their `DMR_*` environment variables.
 //! - `metrics`: Prometheus metrics of both binaries.
+//! - [`runtime`]: the one executor a process's tasks run on, driven by its main thread.
 //! - `signals`, [`process`]: process plumbing shared by both binaries.
 //! - [`wait`], [`sync`]: deadlines, backoff and the lock policy every module shares.
 //! - [`policy`], [`audit`], [`logging`]: the relay's rules and limits, its audit log, and
@@ -38,6 +39,7 @@ pub mod policy;
 pub mod process;
 pub mod protocol;
 pub mod rabbitmq_admin;
+pub mod runtime;
 pub mod server;
 pub(crate) mod signals;
 pub mod signing;

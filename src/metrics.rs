@@ -348,7 +348,7 @@ pub(crate) fn serve_separately(
             }
         }
     };
-    smol::spawn(crate::http::serve(
+    crate::runtime::spawn(crate::http::serve(
         listener,
         None,
         handler,

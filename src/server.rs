@@ -301,9 +301,10 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         ca_file: config.amqp_ca_file.clone(),
         ..BrokerOptions::default()
     };
-    let broker = Broker::start_with(config.amqp_urls(), config.topology.clone(), options)?;
     let signals = signals::listen()?;
-    smol::block_on(async move {
+    crate::runtime::block_on(async move {
+        // Inside `block_on`: the broker's supervisor is the first task spawned.
+        let broker = Broker::start_with(config.amqp_urls(), config.topology.clone(), options)?;
         let listener = smol::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -331,11 +332,11 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
             stopping: AtomicBool::new(false),
         });
         let (reload_tx, reload_rx) = async_channel::unbounded();
-        let watcher = smol::spawn(watch::run(shared.clone(), reload_rx));
+        let watcher = crate::runtime::spawn(watch::run(shared.clone(), reload_rx));
         // Every server relays failure notices to senders (competing consumers).
-        let notices = smol::spawn(shared.broker.clone().relay_failures());
+        let notices = crate::runtime::spawn(shared.broker.clone().relay_failures());
         let policy_watcher = (shared.config.policy_file.clone())
-            .map(|path| smol::spawn(guard::watch(shared.clone(), path)));
+            .map(|path| crate::runtime::spawn(guard::watch(shared.clone(), path)));
         let background = admin::start(&shared).await?;
         let stop = async {
             while let Ok(sig) = signals.recv().await {
@@ -468,7 +469,7 @@ fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>, peer: SocketAddr) ->
         );
         return r;
     };
-    smol::spawn(async move {
+    crate::runtime::spawn(async move {
         match websocket.await {
             Ok((ws, budget)) => session::run(shared, ws, peer, ticket.with_budget(budget)).await,
             Err(e) => log::debug!("WebSocket upgrade from {peer} failed: {e}"),

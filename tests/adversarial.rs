@@ -371,7 +371,6 @@ fn spawn_agent(
         .args(&args)
         .env("DMR_API_TOKEN", &secrets.token)
         .env("RUST_LOG", "debug")
-        .env("SMOL_THREADS", "2")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -359,7 +359,7 @@ async fn dispatch(
             // TCP pushes back on the server.
             let slot = agent.pending_deliveries.acquire_arc().await;
             let (agent, frames) = (agent.clone(), frames.clone());
-            super::runtime::spawn(async move {
+            crate::runtime::spawn(async move {
                 inbox::handle(agent, generation, frames, delivery, envelope).await;
                 drop(slot);
             })

@@ -136,7 +136,7 @@ fn send(agent: &Arc<Agent>, to: &AgentId, ids: &[MessageId]) {
         Err(e) => return log::warn!("cannot seal a receipt for {} messages: {e}", ids.len()),
     };
     let agent = agent.clone();
-    super::runtime::spawn(async move {
+    crate::runtime::spawn(async move {
         let id = envelope.header().id;
         match dispatch(&agent, envelope).await {
             Dispatched::Sent | Dispatched::Queued | Dispatched::AlreadyPending => {

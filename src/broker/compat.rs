@@ -31,7 +31,7 @@ pub(super) async fn detached<T: Send + 'static>(
     fut: impl Future<Output = Result<T, BrokerError>> + Send + 'static,
 ) -> Result<T, BrokerError> {
     let (tx, rx) = async_channel::bounded(1);
-    smol::spawn(Compat::new(async move {
+    crate::runtime::spawn(Compat::new(async move {
         // If the caller is gone, the result (say, a Consumer) is dropped here, in context.
         let _ = tx.send(fut.await).await;
     }))

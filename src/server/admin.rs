@@ -35,10 +35,10 @@ pub(super) struct Background {
 /// Starts the DLQ gauge, the policy check and (with `--metrics-listen`) the separate
 /// metrics listener, which must bind (the server does not start otherwise).
 pub(super) async fn start(shared: &Arc<Shared>) -> Result<Background, String> {
-    let mut tasks = vec![smol::spawn(dlq_gauge(shared.clone()))];
+    let mut tasks = vec![crate::runtime::spawn(dlq_gauge(shared.clone()))];
     if let Some(url) = shared.config.management_url.clone() {
         let shared = shared.clone();
-        tasks.push(smol::spawn(async move {
+        tasks.push(crate::runtime::spawn(async move {
             shared.broker.connected().await;
             let config = &shared.config;
             crate::ops::check_policies(url.expose(), &config.amqp_urls(), &config.topology).await;

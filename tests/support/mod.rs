@@ -439,10 +439,6 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("DMR_CHILD_LOG").unwrap_or_else(|_| "info,dmr=debug".into()),
             )
-            .env(
-                "SMOL_THREADS",
-                std::env::var("DMR_CHILD_THREADS").unwrap_or_else(|_| "2".into()),
-            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

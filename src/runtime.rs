@@ -1,0 +1,62 @@
+//! Where a process's tasks run: one executor, driven by the thread that calls [`block_on`]
+//! (the binary's main thread), which also polls the I/O reactor while it has nothing to run.
+//!
+//! Why not smol's global executor: its worker threads hand every wake-up across threads
+//! (the reactor on one, the woken task on another, each hop a futex wake and a context
+//! switch). Per message a server or an agent does a few microseconds of work around four
+//! to eight socket events, so those hops cost more CPU than the work (issue 15 measured
+//! 21–26 context switches per message in the agent, and a third of the server's CPU). One
+//! thread carries tens of thousands of relayed messages a second, far beyond what RabbitMQ
+//! behind it takes; the AMQP client keeps its own thread, and disk work goes to smol's
+//! blocking pool (`smol::unblock`).
+//!
+//! Code that uses the library without [`block_on`] (tests, the benchmark, operator commands
+//! under `smol::block_on`) still gets its tasks run: the first [`spawn`] outside `block_on`
+//! starts background threads that drive the same executor.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+/// The process's executor.
+static EXECUTOR: smol::Executor<'static> = smol::Executor::new();
+
+/// Set once a thread drives [`EXECUTOR`] through [`block_on`].
+static DRIVEN: AtomicBool = AtomicBool::new(false);
+
+/// Starts the background threads at most once.
+static BACKGROUND: Once = Once::new();
+
+/// Spawns `future` onto the process's executor.
+pub fn spawn<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> smol::Task<T> {
+    if !DRIVEN.load(Ordering::Acquire) {
+        drive_in_background();
+    }
+    EXECUTOR.spawn(future)
+}
+
+/// Runs `future` to completion on this thread, running the process's tasks meanwhile.
+///
+/// Call it once, from `main`, before anything is spawned: tasks spawned earlier start the
+/// background threads, which then share the work (and its hops) with this one.
+pub fn block_on<T>(future: impl Future<Output = T>) -> T {
+    DRIVEN.store(true, Ordering::Release);
+    smol::block_on(EXECUTOR.run(future))
+}
+
+/// Drives [`EXECUTOR`] from as many threads as the machine has cores, for the library's
+/// users that never call [`block_on`].
+fn drive_in_background() {
+    BACKGROUND.call_once(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for i in 1..=threads {
+            let started = std::thread::Builder::new()
+                .name(format!("dmr-rt-{i}"))
+                .spawn(|| smol::block_on(EXECUTOR.run(std::future::pending::<()>())));
+            if let Err(e) = started {
+                // Without a driver nothing spawned would ever run: fail loudly, now.
+                panic!("cannot start the task runtime's thread: {e}");
+            }
+        }
+    });
+}
