@@ -7,13 +7,14 @@
 //! (a WebSocket before login may read only [`PRE_LOGIN_BYTES`]) and it keeps the
 //! listener's connection count until it is dropped.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::Message;
@@ -463,17 +464,74 @@ pub(crate) async fn write_loop<S, T>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    use futures_lite::StreamExt;
+
+    // One ticker for the connection's life, not a timer per frame: each timer set or
+    // cleared is a round through the reactor. A ping goes out on the first tick after a
+    // whole interval without a frame, so the peer hears something at least every
+    // 2 × PING_EVERY, well within its IDLE_TIMEOUT.
+    let mut ticks = smol::Timer::interval(PING_EVERY);
+    let mut wrote = false;
     loop {
-        let next =
-            futures_lite::future::or(async { out.recv().await.ok().map(&mut frame) }, async {
-                smol::Timer::after(PING_EVERY).await;
-                Some(Message::Ping(Default::default()))
-            })
-            .await;
-        let Some(first) = next else { return Ok(()) };
+        let next = futures_lite::future::or(
+            async { Some(out.recv().await.ok().map(&mut frame)) },
+            async {
+                ticks.next().await;
+                None
+            },
+        )
+        .await;
+        let first = match next {
+            Some(Some(message)) => {
+                wrote = true;
+                message
+            }
+            Some(None) => return Ok(()),
+            None if std::mem::take(&mut wrote) => continue,
+            None => Message::Ping(Default::default()),
+        };
         if send_batch(tx, first, || out.try_recv().ok().map(&mut frame)).await? {
             return Ok(());
         }
+    }
+}
+
+/// Notices a peer that went quiet, with one ticker per connection rather than a timer per
+/// frame read (each timer costs a round through the reactor, on the hot path).
+///
+/// The limit is enforced to within a quarter of itself: a connection is dropped between
+/// `limit` and 1¼ × `limit` after the last thing heard.
+pub(crate) struct Quiet {
+    ticks: smol::Timer,
+    last: Instant,
+    limit: Duration,
+}
+
+impl Quiet {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self {
+            ticks: smol::Timer::interval(limit / 4),
+            last: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Awaits `heard` (the next read), or gives `None` once nothing was heard for the limit.
+    pub(crate) async fn within<T>(&mut self, heard: impl Future<Output = T>) -> Option<T> {
+        use futures_lite::StreamExt;
+
+        let (last, limit, ticks) = (self.last, self.limit, &mut self.ticks);
+        let expired = async {
+            loop {
+                ticks.next().await;
+                if last.elapsed() >= limit {
+                    return None;
+                }
+            }
+        };
+        let result = futures_lite::future::or(async { Some(heard.await) }, expired).await;
+        self.last = Instant::now();
+        result
     }
 }
 
@@ -552,6 +610,28 @@ mod tests {
     use super::*;
     use async_tungstenite::tungstenite::protocol::Role;
     use futures_util::StreamExt;
+
+    #[test]
+    fn quiet_passes_reads_through_and_gives_up_after_the_limit() {
+        smol::block_on(async {
+            let limit = Duration::from_millis(200);
+            let mut quiet = Quiet::new(limit);
+            // Reads that keep coming are never cut off, however long the connection lives.
+            for _ in 0..6 {
+                let read = async {
+                    smol::Timer::after(Duration::from_millis(60)).await;
+                    7
+                };
+                assert_eq!(quiet.within(read).await, Some(7));
+            }
+            let started = Instant::now();
+            let never = std::future::pending::<()>();
+            assert_eq!(quiet.within(never).await, None);
+            let waited = started.elapsed();
+            assert!(waited >= limit, "gave up early: {waited:?}");
+            assert!(waited < limit * 5, "gave up far too late: {waited:?}");
+        });
+    }
 
     #[test]
     fn fragments_cover_the_message_in_order() {

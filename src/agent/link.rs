@@ -196,12 +196,15 @@ async fn connect(agent: &Arc<Agent>, server: &ServerUrl, generation: u64) -> End
         log::info!("re-sent {resent} messages that were waiting for an answer");
     }
     agent.outbox.wake();
-    let writer = async {
+    // A task of its own: raced inline with the reader, each frame written would poll the
+    // socket's read side again (a failing `recv` and a re-arm per frame), and vice versa.
+    // Dropped (so cancelled) when the reader ends first.
+    let writer = crate::runtime::spawn(async move {
         match transport::write_loop(&mut tx, &out, |f| Message::binary(f.encode())).await {
             Ok(()) => LinkError::Stopped,
             Err(e) => LinkError::Write(e.to_string()),
         }
-    };
+    });
     let reason =
         futures_lite::future::or(writer, read_loop(agent, &mut rx, generation, &frames)).await;
     *lock(&agent.link) = None;
@@ -296,16 +299,21 @@ async fn send(tx: &mut Sender, frame: ClientFrame) -> Result<(), LinkError> {
 
 /// Reads one handshake frame; a close frame's reason is the server's refusal.
 async fn recv(rx: &mut Receiver) -> Result<ServerFrame, LinkError> {
-    match next_frame(rx, AGENT_MAX_MESSAGE + FRAME_OVERHEAD).await {
+    let mut quiet = transport::Quiet::new(transport::IDLE_TIMEOUT);
+    match next_frame(rx, &mut quiet, AGENT_MAX_MESSAGE + FRAME_OVERHEAD).await {
         Err(LinkError::Closed(Some(reason))) => Err(LinkError::Refused { reason }),
         other => other,
     }
 }
 
 /// Waits for the next frame of at most `max` bytes, skipping pings and pongs.
-async fn next_frame(rx: &mut Receiver, max: usize) -> Result<ServerFrame, LinkError> {
+async fn next_frame(
+    rx: &mut Receiver,
+    quiet: &mut transport::Quiet,
+    max: usize,
+) -> Result<ServerFrame, LinkError> {
     loop {
-        let bytes = match with_timeout(transport::IDLE_TIMEOUT, rx.next()).await {
+        let bytes = match quiet.within(rx.next()).await {
             None => return Err(LinkError::Idle),
             Some(None) => return Err(LinkError::Closed(None)),
             Some(Some(Err(e))) => return Err(LinkError::Read(e.to_string())),
@@ -326,9 +334,10 @@ async fn read_loop(
     generation: u64,
     frames: &async_channel::Sender<ClientFrame>,
 ) -> LinkError {
+    let mut quiet = transport::Quiet::new(transport::IDLE_TIMEOUT);
     loop {
         let max = agent.max_message_bytes() + FRAME_OVERHEAD;
-        let handled = match next_frame(rx, max).await {
+        let handled = match next_frame(rx, &mut quiet, max).await {
             // Checked and applied in order, before the next frame.
             Ok(ServerFrame::Directory { directory }) => {
                 trust::accept(agent, directory).await;

@@ -241,8 +241,8 @@ async fn serve(
     let _ = out.try_send(Message::Binary(shared.welcome()));
     let inflight = Arc::new(Inflight::default());
     let (done, writer_done) = async_channel::bounded::<()>(1);
-    let writer = smol::spawn(writer(shared.clone(), tx, out_rx, done));
-    let pump = smol::spawn(pump(
+    let writer = crate::runtime::spawn(writer(shared.clone(), tx, out_rx, done));
+    let pump = crate::runtime::spawn(pump(
         shared.clone(),
         agent.clone(),
         inflight.clone(),
@@ -251,7 +251,7 @@ async fn serve(
     let (publishes, confirms) = async_channel::unbounded();
     // One task per session answers every publish of the session, in order, as RabbitMQ
     // confirms them; it ends once the reader is gone and the last confirm is in.
-    smol::spawn(answer_confirms(shared.clone(), confirms, out.clone())).detach();
+    crate::runtime::spawn(answer_confirms(shared.clone(), confirms, out.clone())).detach();
     let reader = reader(
         shared.clone(),
         agent.clone(),
@@ -326,8 +326,9 @@ async fn reader(
 ) -> String {
     let max = shared.config.max_message_bytes + FRAME_OVERHEAD;
     let sends = Arc::new(Semaphore::new(MAX_PENDING_SENDS));
+    let mut quiet = transport::Quiet::new(shared.config.idle_timeout);
     loop {
-        let bytes = match with_timeout(shared.config.idle_timeout, rx.next()).await {
+        let bytes = match quiet.within(rx.next()).await {
             None => return "no frame or pong within the idle timeout".into(),
             Some(None) => return "connection closed".into(),
             Some(Some(Err(e))) => return format!("WebSocket error: {e}"),
