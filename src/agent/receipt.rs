@@ -8,11 +8,11 @@
 //! receipt leaves through the outbox like a message (queued while no relay takes it), is
 //! never posted to the webhook, and is never itself receipted.
 //!
-//! Under load, receipts are batched: one receipt names many delivered messages of one
-//! sender (see [`run`]). Its body keeps the first id in `receipt` and lists them all in
-//! `receipts`, `{"receipt":"<id>","receipts":["<id>",…]}`, so an agent that knows only
-//! the single form still marks one of them delivered instead of refusing the receipt.
-//! Idle, a receipt leaves at once and names one message, in the single form.
+//! Receipts are batched: one receipt names the messages of one sender delivered within
+//! [`BATCH_WINDOW`] (see [`run`]). Its body keeps the first id in `receipt` and lists
+//! them all in `receipts`, `{"receipt":"<id>","receipts":["<id>",…]}`, so an agent that
+//! knows only the single form still marks one of them delivered instead of refusing the
+//! receipt. A receipt naming one message has the single form.
 //!
 //! The sender's inbox hands every `dmr.receipt` envelope to [`handle`]: it must be
 //! addressed to this agent, fresh, open with the claimed sender's key, and name a message
@@ -36,9 +36,11 @@ use crate::protocol::{AgentId, ClientFrame, Envelope, Header, Kind, MessageId};
 /// under the relay's `MAX_RECEIPT_BYTES` (a test checks), so it keeps its policy exemption.
 const MAX_IDS: usize = 16;
 
-/// How long a busy agent waits for more deliveries to fill a receipt. Only when more
-/// receipts are already waiting: an idle agent sends each receipt at once.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// How long a receipt waits for more deliveries to share it. Even one message at a time,
+/// a steady stream (a message every millisecond or two) then shares receipts: each receipt
+/// is a whole envelope through both servers and RabbitMQ, and one per message doubled the
+/// relay's work. A sender learns of a delivery this much later, which no one can see.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// A delivered message whose sender is owed a receipt.
 pub(super) struct Owed {
@@ -71,9 +73,8 @@ pub(super) async fn run(agent: Arc<Agent>) {
     }
 }
 
-/// The next receipts to send, by sender. Waits for one; takes whatever else is already
-/// waiting; if anything was, lets [`BATCH_WINDOW`] gather more (at most a full receipt's
-/// worth per waiting sender). `None` once the queue is closed.
+/// The next receipts to send, by sender: waits for one, then gathers whatever else comes
+/// within [`BATCH_WINDOW`]. `None` once the queue is closed.
 async fn next_batch(
     owed: &async_channel::Receiver<Owed>,
 ) -> Option<HashMap<AgentId, Vec<MessageId>>> {
@@ -81,23 +82,16 @@ async fn next_batch(
     let mut batch: HashMap<AgentId, Vec<MessageId>> = HashMap::new();
     let mut add = |o: Owed| batch.entry(o.sender).or_default().push(o.id);
     add(first);
-    let mut busy = false;
-    while let Ok(o) = owed.try_recv() {
-        add(o);
-        busy = true;
-    }
-    if busy {
-        let deadline = async_io::Timer::after(BATCH_WINDOW);
-        let gather = async {
-            while let Ok(o) = owed.recv().await {
-                add(o);
-            }
-        };
-        futures_lite::future::or(gather, async {
-            deadline.await;
-        })
-        .await;
-    }
+    let deadline = async_io::Timer::after(BATCH_WINDOW);
+    let gather = async {
+        while let Ok(o) = owed.recv().await {
+            add(o);
+        }
+    };
+    futures_lite::future::or(gather, async {
+        deadline.await;
+    })
+    .await;
     Some(batch)
 }
 
@@ -283,14 +277,30 @@ mod tests {
             for (sender, id) in sent {
                 assert!(batch[&sender].contains(&id));
             }
-            // Alone, a receipt leaves at once (no window to wait out), on its own.
-            tx.send(Owed {
-                sender: a.clone(),
+            // Alone, a receipt leaves on its own once the window is out.
+            let owed = |sender: &AgentId| Owed {
+                sender: sender.clone(),
                 id: MessageId::random(),
-            })
-            .await
-            .unwrap();
+            };
+            tx.send(owed(&a)).await.unwrap();
             assert_eq!(next_batch(&rx).await.unwrap()[&a].len(), 1);
+            // One message at a time, a delivery within the window shares the receipt.
+            tx.send(owed(&a)).await.unwrap();
+            let later = {
+                let (tx, next) = (tx.clone(), owed(&a));
+                async move {
+                    // Polled once `next_batch` waits inside its window.
+                    futures_lite::future::yield_now().await;
+                    tx.send(next).await.unwrap();
+                    std::future::pending::<()>().await
+                }
+            };
+            let batch = futures_lite::future::or(async { next_batch(&rx).await }, async {
+                later.await;
+                None
+            })
+            .await;
+            assert_eq!(batch.unwrap()[&a].len(), 2);
             tx.close();
             assert!(next_batch(&rx).await.is_none());
         });
