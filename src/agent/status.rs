@@ -12,7 +12,7 @@
 //! capped, jittered backoff while the local service is down (like deliveries); a permanent
 //! 4xx drops that one notification. They are not durable: a restart forgets unsent ones.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 const MAX_NOTIFICATIONS: usize = 100_000;
 /// How long one `--status-url` attempt may take.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records kept in memory after they were written (see [`Recent`]).
+const RECENT: usize = 1024;
 
 #[derive(Default)]
 struct Cache {
@@ -42,6 +44,40 @@ struct Cache {
     dirty: HashMap<MessageId, StatusRecord>,
     /// Being written now (still answered from memory until committed).
     writing: HashMap<MessageId, StatusRecord>,
+    /// Written lately.
+    recent: Recent,
+}
+
+impl Cache {
+    /// The newest record of `id` held in memory.
+    fn get(&self, id: &MessageId) -> Option<&StatusRecord> {
+        (self.dirty.get(id))
+            .or_else(|| self.writing.get(id))
+            .or_else(|| self.recent.map.get(id))
+    }
+}
+
+/// The last [`RECENT`] records written, as written: a message's next change (`sent`, then
+/// `delivered`, usually within seconds) then reads memory instead of opening a redb read
+/// transaction, which was one of the sender's larger costs per message.
+#[derive(Default)]
+struct Recent {
+    map: HashMap<MessageId, StatusRecord>,
+    order: VecDeque<MessageId>,
+}
+
+impl Recent {
+    fn put(&mut self, id: MessageId, record: StatusRecord) {
+        if self.map.insert(id, record).is_some() {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.map.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// The statuses of sent messages, shared by the API, the link and the inbox.
@@ -72,11 +108,8 @@ impl Statuses {
 
     /// The record of `id`: memory first, then the state dir.
     pub(super) fn get(&self, id: MessageId) -> Option<StatusRecord> {
-        {
-            let cache = lock(&self.cache);
-            if let Some(r) = cache.dirty.get(&id).or_else(|| cache.writing.get(&id)) {
-                return Some(r.clone());
-            }
+        if let Some(r) = lock(&self.cache).get(&id) {
+            return Some(r.clone());
         }
         self.state.status(id).unwrap_or_else(|e| {
             log::warn!("cannot read the status of message {id}: {e}");
@@ -125,8 +158,10 @@ impl Statuses {
         });
     }
 
-    /// A record written durably elsewhere (with an outbox entry): notify only.
+    /// A record written durably elsewhere (with an outbox entry): kept in memory for its
+    /// next change, and notified.
     pub(super) fn written(&self, id: MessageId, record: &StatusRecord) {
+        lock(&self.cache).recent.put(id, record.clone());
         self.notify(id, record);
     }
 
@@ -166,7 +201,7 @@ impl Statuses {
     /// Applies `f` to the current record; a `Some` result is the new record.
     fn change(&self, id: MessageId, f: impl FnOnce(Option<StatusRecord>) -> Option<StatusRecord>) {
         let mut cache = lock(&self.cache);
-        let current = match cache.dirty.get(&id).or_else(|| cache.writing.get(&id)) {
+        let current = match cache.get(&id) {
             Some(r) => Some(r.clone()),
             // A short read transaction; done under the lock so two changes to one id
             // cannot interleave.
@@ -217,7 +252,12 @@ impl Statuses {
         let result = smol::unblock(move || state.write_statuses(&batch)).await;
         let mut cache = lock(&self.cache);
         match result {
-            Ok(()) => cache.writing.clear(),
+            Ok(()) => {
+                let written = std::mem::take(&mut cache.writing);
+                for (id, record) in written {
+                    cache.recent.put(id, record);
+                }
+            }
             // Kept in `writing` and written with the next batch.
             Err(e) => log::warn!("cannot write message statuses (will retry): {e}"),
         }
@@ -396,5 +436,36 @@ mod tests {
             .map(|b| serde_json::from_slice::<Value>(&b).unwrap()["status"].to_string())
             .collect();
         assert_eq!(sent, ["\"sent\"", "\"failed\"", "\"delivered\""]);
+    }
+
+    #[test]
+    fn written_records_stay_in_memory_for_the_next_change_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(State::open(dir.path()).unwrap());
+        let s = Statuses::new(state.clone(), 60_000, false);
+        let tax = AgentId::new("tax").unwrap();
+        let ids: Vec<_> = (0..=RECENT).map(|_| MessageId::random()).collect();
+        for id in &ids {
+            s.set(*id, &tax, now_ms(), Status::Sent, None);
+        }
+        smol::block_on(s.flush());
+        let cache = lock(&s.cache);
+        assert!(cache.dirty.is_empty() && cache.writing.is_empty());
+        assert_eq!(cache.recent.map.len(), RECENT, "bounded");
+        let kept = ids.iter().filter(|id| cache.recent.map.contains_key(id));
+        assert_eq!(
+            kept.count(),
+            RECENT,
+            "one evicted; order within a batch is the map's"
+        );
+        drop(cache);
+        // Answered from memory and from the disk alike after the write.
+        for id in &ids {
+            assert_eq!(s.get(*id).unwrap().status, Status::Sent);
+            assert_eq!(state.status(*id).unwrap().unwrap().status, Status::Sent);
+        }
+        let first = ids[0];
+        assert!(s.delivered(first, &tax));
+        assert_eq!(s.get(first).unwrap().status, Status::Delivered);
     }
 }
