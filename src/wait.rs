@@ -4,13 +4,27 @@
 //! retries) waits through [`Backoff`], so they all grow, cap and spread the same way; every
 //! "give up after" goes through [`with_timeout`].
 
+mod wheel;
+
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Limits from which [`with_timeout`] uses the shared wheel (`wait/wheel.rs`) instead of a
+/// timer of its own: a second's deadline may fire a tenth of a second late.
+const COARSE_FROM: Duration = Duration::from_secs(1);
 
 /// Runs `fut` for at most `limit`; `None` when time ran out (and `fut` is dropped).
+///
+/// Limits of a second or more may run over by up to about 0.1 s: they share one ticker
+/// instead of arming a timer each, which on the relay's hot path cost more than the work.
 pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
     futures_lite::future::or(async { Some(fut.await) }, async {
-        async_io::Timer::after(limit).await;
+        if limit >= COARSE_FROM {
+            wheel::until(deadline).await;
+        } else {
+            async_io::Timer::at(deadline).await;
+        }
         None
     })
     .await
@@ -96,6 +110,11 @@ mod tests {
                 with_timeout(Duration::from_secs(5), async { 7 }).await,
                 Some(7)
             );
+            // A limit of a second or more takes the shared wheel: never early.
+            let started = Instant::now();
+            let never = std::future::pending::<()>();
+            assert_eq!(with_timeout(COARSE_FROM, never).await, None);
+            assert!(started.elapsed() >= COARSE_FROM);
         });
     }
 }
