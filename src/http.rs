@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use smol::net::TcpListener;
-use smol_hyper::rt::{FuturesIo, SmolTimer};
+use smol_hyper::rt::FuturesIo;
 
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -152,7 +152,7 @@ pub async fn serve_with<H, F>(
                 });
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
-                    .timer(SmolTimer::new())
+                    .timer(Timer)
                     .header_read_timeout(Duration::from_secs(10));
                 if let Some(max) = max_head {
                     builder.max_buf_size(max.max(8192));
@@ -169,6 +169,41 @@ pub async fn serve_with<H, F>(
     });
     futures_lite::future::or(accept, stop).await;
 }
+
+/// hyper's timer on [`crate::wait::sleep_until`]. hyper arms its header-read deadline (10 s)
+/// for every request on a keep-alive connection; on the shared wheel that costs no reactor
+/// round per request.
+#[derive(Clone, Copy)]
+struct Timer;
+
+impl hyper::rt::Timer for Timer {
+    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(
+        &self,
+        deadline: std::time::Instant,
+    ) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Sleep(Box::pin(crate::wait::sleep_until(deadline))))
+    }
+}
+
+/// One of [`Timer`]'s sleeps.
+struct Sleep(std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>);
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for Sleep {}
 
 /// Tells a plain-HTTP client over the connection cap `503` (without reading its request),
 /// or just closes: a TLS client would need a handshake first, which is what the cap spares.

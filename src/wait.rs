@@ -20,14 +20,20 @@ const COARSE_FROM: Duration = Duration::from_secs(1);
 pub async fn with_timeout<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     futures_lite::future::or(async { Some(fut.await) }, async {
-        if limit >= COARSE_FROM {
-            wheel::until(deadline).await;
-        } else {
-            async_io::Timer::at(deadline).await;
-        }
+        sleep_until(deadline).await;
         None
     })
     .await
+}
+
+/// Resolves at `deadline`; one a second or more away may resolve up to about 0.1 s late
+/// (see [`with_timeout`]).
+pub async fn sleep_until(deadline: Instant) {
+    if deadline.saturating_duration_since(Instant::now()) >= COARSE_FROM {
+        wheel::until(deadline).await;
+    } else {
+        async_io::Timer::at(deadline).await;
+    }
 }
 
 /// Exponential backoff: `min` doubled per consecutive failure up to `max`, each wait shortened
