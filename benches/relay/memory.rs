@@ -94,9 +94,9 @@ async fn list_queues(prefix: &str) -> Result<Queues, String> {
         .header("authorization", format!("Basic {auth}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let client = dmr::http::Client::new(None);
-    let (status, body) = client
-        .request(req, Duration::from_secs(30))
+    // A thousand queues' names and figures (and whatever else the vhost holds) are well
+    // over the client's default 64 KiB answer limit.
+    let (status, body) = dmr::http::request_limited(req, None, Duration::from_secs(30), 64 << 20)
         .await
         .map_err(|e| e.to_string())?;
     if !status.is_success() {

@@ -73,12 +73,27 @@ pub fn watchdog() {
 }
 
 /// A fresh, unused loopback port.
+/// A port free right now for a child process to listen on.
+///
+/// Chosen below Linux's ephemeral range (32768 and up): a port the kernel handed out for
+/// `:0` is free only until it hands it out again, and with a hundred agents and servers
+/// making outgoing connections, one of those took a bench agent's port before it could
+/// bind it. Never the same port twice in one process; RabbitMQ's 25672 is well below.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let port = fastrand::u16(26_000..32_000);
+        if !given.lock().unwrap().insert(port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn unique_prefix(test: &str) -> String {
