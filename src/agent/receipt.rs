@@ -82,16 +82,12 @@ async fn next_batch(
     let mut batch: HashMap<AgentId, Vec<MessageId>> = HashMap::new();
     let mut add = |o: Owed| batch.entry(o.sender).or_default().push(o.id);
     add(first);
-    let deadline = async_io::Timer::after(BATCH_WINDOW);
     let gather = async {
         while let Ok(o) = owed.recv().await {
             add(o);
         }
     };
-    futures_lite::future::or(gather, async {
-        deadline.await;
-    })
-    .await;
+    crate::wait::with_timeout(BATCH_WINDOW, gather).await;
     Some(batch)
 }
 
