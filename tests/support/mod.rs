@@ -923,17 +923,20 @@ impl Webhook {
                 move |req: hyper::Request<hyper::body::Incoming>, _| {
                     let (r, f, a, s) = (r.clone(), f.clone(), a.clone(), s.clone());
                     async move {
+                        // The answer is fixed when the attempt is counted: a test that sees
+                        // the count go up may set the next answer at once.
+                        let failing = f.load(std::sync::atomic::Ordering::SeqCst);
+                        let status = s.load(std::sync::atomic::Ordering::SeqCst);
                         a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let body = dmr::http::read_body(req.into_body(), 8 << 20)
                             .await
                             .unwrap_or_default();
-                        if f.load(std::sync::atomic::Ordering::SeqCst) {
+                        if failing {
                             return dmr::http::error(
                                 hyper::StatusCode::INTERNAL_SERVER_ERROR,
                                 "failing on purpose",
                             );
                         }
-                        let status = s.load(std::sync::atomic::Ordering::SeqCst);
                         if let Ok(status) = hyper::StatusCode::from_u16(status) {
                             return dmr::http::error(status, "answering so on purpose");
                         }
