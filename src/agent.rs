@@ -398,7 +398,7 @@ async fn serve(
     signals: async_channel::Receiver<Signal>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listen = agent.config.listen;
-    let listener = smol::net::TcpListener::bind(listen)
+    let listener = crate::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(listen);

@@ -15,13 +15,13 @@ use futures_rustls::TlsAcceptor;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use smol::net::TcpListener;
 use smol_hyper::rt::FuturesIo;
 
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use async_tungstenite::WebSocketStream;
 
+use crate::net::{TcpListener, TcpStream};
 use crate::transport::{self, Metered, ReadBudget, Stream};
 use crate::wait::with_timeout;
 
@@ -75,7 +75,7 @@ connection: close\r\nretry-after: 1\r\ncontent-length: 40\r\n\r\n{\"error\":\"to
 /// Serves `handler` on `listener` until `stop` resolves. Each connection runs in its own
 /// task; TLS, when configured, is negotiated in that task so a slow client blocks no one.
 pub async fn serve<H, F>(
-    listener: TcpListener,
+    listener: impl Into<TcpListener>,
     tls: Option<TlsAcceptor>,
     handler: H,
     stop: impl Future<Output = ()>,
@@ -88,7 +88,7 @@ pub async fn serve<H, F>(
 
 /// [`serve`] within the bounds of `options`.
 pub async fn serve_with<H, F>(
-    listener: TcpListener,
+    listener: impl Into<TcpListener>,
     tls: Option<TlsAcceptor>,
     options: ServeOptions,
     handler: H,
@@ -97,6 +97,7 @@ pub async fn serve_with<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let listener = listener.into();
     let open = Arc::new(Count::default());
     let refusing = Arc::new(Count::default());
     // A task of its own, polled only when the listener is ready: polled inline, beside
@@ -207,7 +208,7 @@ impl hyper::rt::Sleep for Sleep {}
 
 /// Tells a plain-HTTP client over the connection cap `503` (without reading its request),
 /// or just closes: a TLS client would need a handshake first, which is what the cap spares.
-fn refuse_connection(tcp: smol::net::TcpStream, tls: bool, refusing: &Arc<Count>) {
+fn refuse_connection(tcp: TcpStream, tls: bool, refusing: &Arc<Count>) {
     let Some(held) = (!tls).then(|| refusing.take(MAX_REFUSING)).flatten() else {
         return;
     };
@@ -216,8 +217,7 @@ fn refuse_connection(tcp: smol::net::TcpStream, tls: bool, refusing: &Arc<Count>
         let mut tcp = tcp;
         let answer = async {
             tcp.write_all(OVER_CAPACITY).await?;
-            tcp.flush().await?;
-            tcp.shutdown(std::net::Shutdown::Write)?;
+            tcp.close().await?;
             // Reading what the client sent lets the close be orderly (no reset that could
             // destroy the answer before the client read it).
             let mut sink = [0u8; 4096];

@@ -9,6 +9,8 @@
 //! - [`signing`]: the operator's Ed25519 signature over the directory (`directory keygen|sign`).
 //! - [`state`]: the agent's embedded, crash-safe store (pinned keys, the replay guard).
 //! - [`broker`]: RabbitMQ topology, confirmed publishing, consuming and reconnection.
+//! - [`net`]: TCP on the reactor of the thread using it (tokio's in the server, async-io's
+//!   elsewhere), so the server's sockets share one thread with its AMQP client.
 //! - [`transport`]: plain and TLS byte streams, WebSocket limits.
 //! - [`http`]: hyper on smol — the accept loop, response helpers, a small client.
 //! - [`server`]: `dmr-server run` — authenticated sessions relaying through the broker.
@@ -34,6 +36,7 @@ pub mod directory;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod ops;
 pub mod policy;
 pub mod process;

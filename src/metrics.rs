@@ -332,7 +332,7 @@ pub fn exposition_of_every_metric() -> String {
 /// Serves `GET /metrics` (and nothing else) from `render` on its own listener
 /// (`--metrics-listen`), until the returned task is dropped.
 pub(crate) fn serve_separately(
-    listener: smol::net::TcpListener,
+    listener: crate::net::TcpListener,
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
 ) -> smol::Task<()> {
     use hyper::{Method, StatusCode};
@@ -359,8 +359,8 @@ pub(crate) fn serve_separately(
 /// Binds `--metrics-listen`, naming the flag when it cannot.
 pub(crate) async fn bind_separately(
     addr: std::net::SocketAddr,
-) -> Result<smol::net::TcpListener, String> {
-    smol::net::TcpListener::bind(addr)
+) -> Result<crate::net::TcpListener, String> {
+    crate::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on --metrics-listen {addr}: {e}"))
 }

@@ -1,5 +1,6 @@
 //! Where a process's tasks run: one executor, driven by the thread that calls [`block_on`]
-//! (the binary's main thread), which also polls the I/O reactor while it has nothing to run.
+//! (the agent's main thread) or [`block_on_tokio`] (the server's), which also polls the I/O
+//! reactor while it has nothing to run.
 //!
 //! Why not smol's global executor: its worker threads hand every wake-up across threads
 //! (the reactor on one, the woken task on another, each hop a futex wake and a context
@@ -7,8 +8,12 @@
 //! to eight socket events, so those hops cost more CPU than the work (issue 15 measured
 //! 21–26 context switches per message in the agent, and a third of the server's CPU). One
 //! thread carries tens of thousands of relayed messages a second, far beyond what RabbitMQ
-//! behind it takes; the AMQP client keeps its own thread, and disk work goes to smol's
-//! blocking pool (`smol::unblock`).
+//! behind it takes; disk work goes to smol's blocking pool (`smol::unblock`).
+//!
+//! The server relays between WebSockets and amqprs, which is tokio's, so its thread runs a
+//! tokio runtime with this executor as one of its tasks, and its sockets are tokio's too
+//! ([`crate::net`]): a message then wakes that one thread once per socket event. The agent
+//! speaks no AMQP and stays on async-io.
 //!
 //! Code that uses the library without [`block_on`] (tests, the benchmark, operator commands
 //! under `smol::block_on`) still gets its tasks run: the first [`spawn`] outside `block_on`
@@ -42,6 +47,30 @@ pub fn spawn<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static
 pub fn block_on<T>(future: impl Future<Output = T>) -> T {
     DRIVEN.store(true, Ordering::Release);
     smol::block_on(EXECUTOR.run(future))
+}
+
+/// [`block_on`] inside a single-threaded tokio runtime: the process's sockets
+/// ([`crate::net`]) and its tokio tasks (the AMQP client's) then share this thread's
+/// reactor, so relaying a message between them wakes no other thread.
+///
+/// For the server. async-io's reactor keeps running on a thread of its own for the few
+/// timers that still use it (none per message).
+pub fn block_on_tokio<T>(future: impl Future<Output = T>) -> std::io::Result<T> {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    DRIVEN.store(true, Ordering::Release);
+    Ok(tokio.block_on(async {
+        // The executor runs as a tokio task rather than inside `block_on`'s future: a task
+        // woken by another (a delivery handed over by amqprs) is then simply queued, where
+        // waking `block_on`'s future makes tokio poll its reactor first, one more
+        // `epoll_wait` per message.
+        let executor = tokio::spawn(EXECUTOR.run(std::future::pending::<()>()));
+        let out = future.await;
+        executor.abort();
+        out
+    }))
 }
 
 /// Drives [`EXECUTOR`] from as many threads as the machine has cores, for the library's

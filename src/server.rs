@@ -302,10 +302,10 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..BrokerOptions::default()
     };
     let signals = signals::listen()?;
-    crate::runtime::block_on(async move {
+    crate::runtime::block_on_tokio(async move {
         // Inside `block_on`: the broker's supervisor is the first task spawned.
         let broker = Broker::start_with(config.amqp_urls(), config.topology.clone(), options)?;
-        let listener = smol::net::TcpListener::bind(config.listen)
+        let listener = crate::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
@@ -371,6 +371,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         shutdown(&shared).await;
         Ok(())
     })
+    .map_err(|e| format!("cannot start the server's runtime: {e}"))?
 }
 
 /// Stop order: no new sessions, sessions closed (agents fail over), confirms awaited,

@@ -24,9 +24,9 @@ use futures_rustls::rustls;
 use futures_rustls::{TlsAcceptor, TlsConnector};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use smol::net::TcpStream;
 
 use crate::crypto::ChannelBinding;
+use crate::net::TcpStream;
 
 /// A connection, with or without TLS.
 pub enum Stream {
@@ -431,7 +431,7 @@ pub(crate) fn client_config(
 
 /// Opens TCP (and TLS when `tls` is given) to `host:port`.
 pub async fn dial(host: &str, port: u16, tls: Option<&TlsConnector>) -> io::Result<Stream> {
-    let tcp = TcpStream::connect((host, port)).await?;
+    let tcp = TcpStream::connect(host, port).await?;
     tcp.set_nodelay(true)?;
     match tls {
         None => Ok(Stream::Plain(tcp)),
@@ -654,7 +654,7 @@ mod tests {
         smol::block_on(async {
             let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let client = TcpStream::connect(addr).await.unwrap();
+            let client = smol::net::TcpStream::connect(addr).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
             let strict = ws_config(1 << 20).max_frame_size(Some(FRAGMENT));
             let writer =
