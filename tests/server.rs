@@ -396,6 +396,26 @@ fn two_instances_relay_between_their_agents() {
     });
     assert_eq!(s1.metric("dmr_server_accepted_total"), 2.0);
     assert_eq!(s2.metric("dmr_server_deliveries_total"), 2.0);
+    // Both relayed with the AMQP client on the thread that serves the WebSockets: had
+    // amqprs started outside the server's tokio runtime, async-compat would have given it
+    // a thread of its own, and every message would cross between the two.
+    for s in [&s1, &s2] {
+        let threads = thread_names(s.proc.child.id());
+        assert!(
+            !threads.iter().any(|t| t.starts_with("async-compat")),
+            "{}: {threads:?}",
+            s.proc.name
+        );
+    }
+}
+
+/// The names of a running process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
 }
 
 #[test]
