@@ -47,6 +47,7 @@ pub fn run(count: usize) {
         "\nmemory: {count} authenticated idle agents on one server: RSS {before} KiB → {after} KiB, {:.1} KiB per agent",
         after.saturating_sub(before) as f64 / count as f64
     );
+    idle_cpu(pid, count);
     let prefix = format!("{}dmr.agent.", world.prefix);
     match smol::block_on(queues(&prefix, count)) {
         Ok(q) => println!(
@@ -64,6 +65,28 @@ pub fn run(count: usize) {
         );
     }
     drop(clients);
+}
+
+/// How long [`idle_cpu`] watches: past one ping round (20 s) would be fairer, but the
+/// pings and idle checks of 1000 sessions spread evenly, so 10 s shows their rate.
+const IDLE_WATCH: Duration = Duration::from_secs(10);
+
+/// Prints the CPU the server spends per second keeping `count` quiet sessions (pings,
+/// idle checks, heartbeats).
+fn idle_cpu(pid: u32, count: usize) {
+    let (Some(start), t0) = (procs::cpu_ticks(pid), std::time::Instant::now()) else {
+        return;
+    };
+    std::thread::sleep(IDLE_WATCH);
+    let Some(end) = procs::cpu_ticks(pid) else {
+        return;
+    };
+    let ms = (end - start) as f64 * 1000.0 / procs::clock_ticks_per_second();
+    println!(
+        "idle: the server spends {:.1} ms CPU per second with {count} quiet agents (± {:.1})",
+        ms / t0.elapsed().as_secs_f64(),
+        1000.0 / procs::clock_ticks_per_second() / t0.elapsed().as_secs_f64()
+    );
 }
 
 /// How long the management API may take to have statistics for every new queue (it
