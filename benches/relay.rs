@@ -32,7 +32,9 @@
 //!
 //! Knobs (environment):
 //! - `DMR_BENCH_MESSAGES` (default 5000): messages of `baseline`, `relay`, `policy` and
-//!   `scale`; each `agents` row sends at most 2000 of them.
+//!   `scale`; each `agents` row (and the one-at-a-time baseline) sends at most
+//!   `DMR_BENCH_ROW_MESSAGES` (default 2000) of them: raise both for finer CPU figures,
+//!   since one clock tick is 10 ms ÷ messages.
 //! - `DMR_BENCH_WINDOW` (default 64): sends in flight in `baseline` and `relay`.
 //! - `DMR_BENCH_CONCURRENCY` (default `1,16`): local services posting at once, one `agents`
 //!   row each.
@@ -76,7 +78,8 @@ use std::time::Duration;
 use report::Report;
 use support::World;
 
-/// Most messages one `agents` row sends (rows are many; the product path is the slow one).
+/// Most messages one `agents` row sends by default (rows are many; the product path is
+/// the slow one).
 const AGENT_ROW_MESSAGES: usize = 2000;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -133,6 +136,7 @@ fn main() {
     }
     let n = env_usize("DMR_BENCH_MESSAGES", 5000);
     let window = env_usize("DMR_BENCH_WINDOW", 64);
+    let per_row = n.min(env_usize("DMR_BENCH_ROW_MESSAGES", AGENT_ROW_MESSAGES));
     let only = std::env::var("DMR_BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only == name;
     println!(
@@ -154,7 +158,7 @@ fn main() {
         }
         // The yardstick of the sequential `agents` row (c=1): its p50 should stay within
         // about a millisecond of this one's.
-        rows.add(baseline::run(&world, n.min(AGENT_ROW_MESSAGES), 1));
+        rows.add(baseline::run(&world, per_row, 1));
     }
     if run("relay") || only == "policy" {
         rows.add(wire::relay(
@@ -173,7 +177,7 @@ fn main() {
             .filter_map(|c| c.trim().parse().ok())
             .collect();
         let sizes = body::parse_sizes(&env_list("DMR_BENCH_SIZES", "default,4k,64k"));
-        agents::run(n.min(AGENT_ROW_MESSAGES), &concurrency, &sizes, |r| {
+        agents::run(per_row, &concurrency, &sizes, |r| {
             rows.add(r)
         });
     }
