@@ -177,9 +177,7 @@ fn main() {
             .filter_map(|c| c.trim().parse().ok())
             .collect();
         let sizes = body::parse_sizes(&env_list("DMR_BENCH_SIZES", "default,4k,64k"));
-        agents::run(per_row, &concurrency, &sizes, |r| {
-            rows.add(r)
-        });
+        agents::run(per_row, &concurrency, &sizes, |r| rows.add(r));
     }
     if run("scale") {
         rows.add(scale::run(env_usize("DMR_BENCH_PAIRS", 50).max(1), n));

@@ -1,5 +1,6 @@
-//! HTTP on smol: the accept loop both binaries serve their endpoints with, small response
-//! helpers, and a minimal client for webhooks and CentOps.
+//! HTTP on the process's executor: the accept loop both binaries serve their endpoints
+//! with, small response helpers, and a minimal client for webhooks and CentOps. Sockets
+//! come from [`crate::net`].
 //!
 //! hyper does the protocol work; this module only adapts it to smol and to [`Stream`], so
 //! a WebSocket upgrade can take the connection back out of hyper.

@@ -66,6 +66,7 @@ pub fn block_on_tokio<T>(future: impl Future<Output = T>) -> std::io::Result<T> 
         // woken by another (a delivery handed over by amqprs) is then simply queued, where
         // waking `block_on`'s future makes tokio poll its reactor first, one more
         // `epoll_wait` per message.
+        //
         // Unconstrained: tokio's per-task budget (128 socket operations per poll) would
         // count every smol task's I/O against this one task and make sockets answer
         // "not ready" to whichever tasks ran last; the executor yields on its own.

@@ -18,6 +18,7 @@ use super::publisher::Publisher;
 use super::tls::Tls;
 use super::url::NodeUrl;
 use super::{BrokerError, Shared, Topology};
+use crate::net::TcpStream;
 use crate::protocol::AgentId;
 use crate::sync::lock;
 use crate::wait::with_timeout;
@@ -124,12 +125,11 @@ async fn open(
 /// amqprs reports all of them as a network error, so a plain TCP connection, and for
 /// `amqps://` a TLS handshake on it, is tried to tell.
 async fn network_failure(node: &NodeUrl, tls: Option<&Tls>, amqp_error: String) -> BrokerError {
-    let address = format!("{}:{}", node.host, node.port);
     let unreachable = |reason: String| BrokerError::Unreachable {
         url_without_password: node.display.clone(),
         reason,
     };
-    match with_timeout(CONNECT_TIMEOUT, smol::net::TcpStream::connect(address)).await {
+    match with_timeout(CONNECT_TIMEOUT, TcpStream::connect(&node.host, node.port)).await {
         Some(Ok(tcp)) => match tls {
             Some(tls) => match tls.probe(node, tcp, CONNECT_TIMEOUT).await {
                 Err(refused) => refused,

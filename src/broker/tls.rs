@@ -15,10 +15,10 @@ use std::time::Duration;
 use amqprs::tls::TlsAdaptor;
 use futures_rustls::rustls::{self, CertificateError, ClientConfig};
 use rustls_pki_types::ServerName;
-use smol::net::TcpStream;
 
 use super::url::NodeUrl;
 use super::BrokerError;
+use crate::net::TcpStream;
 use crate::wait::with_timeout;
 
 /// The flag naming the CA file, for error messages.
