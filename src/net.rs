@@ -8,16 +8,13 @@
 //! server's CPU). `dmr-server` runs its executor inside a tokio runtime
 //! ([`crate::runtime::block_on_tokio`]), so its sockets, and amqprs's, share one reactor.
 //!
-//! Both kinds are futures-io streams ([`AsyncRead`], [`AsyncWrite`]); the choice is made once,
+//! Both kinds are futures-io streams (`AsyncRead`, `AsyncWrite`); the choice is made once,
 //! when a socket is opened, and nothing above this module sees it.
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use async_compat::Compat;
-use futures_lite::{AsyncRead, AsyncWrite};
 
 /// Whether sockets opened now belong to a tokio runtime (one is current on this thread).
 fn on_tokio() -> bool {
@@ -99,43 +96,57 @@ impl TcpStream {
     }
 }
 
-macro_rules! each {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            TcpStream::AsyncIo($s) => $e,
-            TcpStream::Tokio($s) => $e,
+/// Implements futures-io [`AsyncRead`] and [`AsyncWrite`] for an enum whose every variant
+/// holds one stream, by forwarding each call to that stream (`close` shuts down the
+/// sending half, as both socket kinds do). Used here and for `transport::Stream`.
+macro_rules! forward_io {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl futures_lite::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut [u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl futures_lite::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_close(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_close(cx),)+
+                }
+            }
         }
     };
 }
+pub(crate) use forward_io;
 
-impl AsyncRead for TcpStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for TcpStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        each!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_flush(cx))
-    }
-
-    /// Shuts down the sending half (both kinds do just that).
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, s => Pin::new(s).poll_close(cx))
-    }
-}
+forward_io!(TcpStream { AsyncIo, Tokio });
 
 #[cfg(test)]
 mod tests {

@@ -35,43 +35,11 @@ pub enum Stream {
     TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
 }
 
-macro_rules! each_stream {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Stream::Plain($s) => $e,
-            Stream::TlsServer($s) => $e,
-            Stream::TlsClient($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        each_stream!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        each_stream!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_stream!(self, s => Pin::new(s).poll_flush(cx))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each_stream!(self, s => Pin::new(s).poll_close(cx))
-    }
-}
+crate::net::forward_io!(Stream {
+    Plain,
+    TlsServer,
+    TlsClient
+});
 
 /// Bytes a WebSocket may read after the upgrade until its agent has logged in: `Hello`
 /// and `Proof` are well under 200 bytes; the rest is room for pings and a close frame.
