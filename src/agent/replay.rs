@@ -150,18 +150,19 @@ async fn gather(
             Err(_) => break,
         }
     }
-    let mut wait = async_io::Timer::at(not_before);
-    while batch.len() < COMMIT_EARLY_AT && Instant::now() < not_before {
-        match futures_lite::future::or(async { rx.recv().await.ok() }, async {
-            (&mut wait).await;
-            None
-        })
-        .await
-        {
-            Some(p) => batch.push(p),
-            None => break,
-        }
+    let limit = not_before.saturating_duration_since(Instant::now());
+    if limit.is_zero() {
+        return;
     }
+    let more = async {
+        while batch.len() < COMMIT_EARLY_AT {
+            match rx.recv().await {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+    };
+    crate::wait::with_timeout(limit, more).await;
 }
 
 /// Removes delivered records older than the freshness window, every minute.
