@@ -79,10 +79,8 @@ async fn tick() {
         let mut state = lock(&wheel.state);
         let pending = state.slots.split_off(&(passed + 1));
         let due = std::mem::replace(&mut state.slots, pending);
-        if state.slots.is_empty() {
-            state.ticking = false;
-        }
-        let done = !state.ticking;
+        let done = state.slots.is_empty();
+        state.ticking = !done;
         drop(state);
         for event in due.into_values() {
             event.notify(usize::MAX);
