@@ -1,12 +1,14 @@
-//! TCP on the reactor of the thread that uses it: tokio's inside a tokio runtime (the
-//! server, whose AMQP client is tokio's), async-io's everywhere else (the agent, tests).
+//! TCP on the reactor of the thread that uses it: tokio's inside a tokio runtime (both
+//! binaries; the server's AMQP client is tokio's), async-io's everywhere else (tests, and
+//! operator commands under `smol::block_on`).
 //!
 //! Why two: a socket wakes the task that waits on it from its reactor's thread. The server
 //! relays each message between a WebSocket and an AMQP connection; with the WebSocket on
 //! async-io and amqprs on tokio every message crossed between two threads, each hop an
 //! eventfd write and an `epoll_wait` round (issue 15 measured them at over a third of the
-//! server's CPU). `dmr-server` runs its executor inside a tokio runtime
-//! ([`crate::runtime::block_on_tokio`]), so its sockets, and amqprs's, share one reactor.
+//! server's CPU). Both binaries run their executor inside a tokio runtime
+//! ([`crate::runtime::block_on`]), so the server's sockets and amqprs's share one reactor;
+//! the agent's gain from tokio's edge-triggered epoll (see `runtime`).
 //!
 //! Both kinds are futures-io streams (`AsyncRead`, `AsyncWrite`); the choice is made once,
 //! when a socket is opened, and nothing above this module sees it.
@@ -16,10 +18,7 @@ use std::net::SocketAddr;
 
 use async_compat::Compat;
 
-/// Whether sockets opened now belong to a tokio runtime (one is current on this thread).
-fn on_tokio() -> bool {
-    tokio::runtime::Handle::try_current().is_ok()
-}
+use crate::runtime::on_tokio;
 
 /// A listening socket.
 pub enum TcpListener {

@@ -1,6 +1,6 @@
 //! Where a process's tasks run: one executor, driven by the thread that calls [`block_on`]
-//! (the agent's main thread) or [`block_on_tokio`] (the server's), which also polls the I/O
-//! reactor while it has nothing to run.
+//! (each binary's main thread), inside a single-threaded tokio runtime whose reactor that
+//! thread polls while it has nothing to run.
 //!
 //! Why not smol's global executor: its worker threads hand every wake-up across threads
 //! (the reactor on one, the woken task on another, each hop a futex wake and a context
@@ -10,14 +10,17 @@
 //! thread carries tens of thousands of relayed messages a second, far beyond what RabbitMQ
 //! behind it takes; disk work goes to smol's blocking pool (`smol::unblock`).
 //!
-//! The server relays between WebSockets and amqprs, which is tokio's, so its thread runs a
-//! tokio runtime with this executor as one of its tasks, and its sockets are tokio's too
-//! ([`crate::net`]): a message then wakes that one thread once per socket event. The agent
-//! speaks no AMQP and stays on async-io.
+//! Why tokio's reactor under smol's executor: the server relays between WebSockets and
+//! amqprs, which is tokio's, so with its sockets on tokio too ([`crate::net`]) a message
+//! wakes that one thread once per socket event. The agent speaks no AMQP, but tokio
+//! registers a socket with epoll once, edge-triggered, where async-io re-arms it
+//! (`epoll_ctl`) before every wait and reads until `EAGAIN`: each agent makes about ten
+//! system calls per message fewer (issue 15). Short timers follow the same rule
+//! ([`crate::wait::sleep`]).
 //!
 //! Code that uses the library without [`block_on`] (tests, the benchmark, operator commands
 //! under `smol::block_on`) still gets its tasks run: the first [`spawn`] outside `block_on`
-//! starts background threads that drive the same executor.
+//! starts background threads that drive the same executor on async-io.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +35,12 @@ static DRIVEN: AtomicBool = AtomicBool::new(false);
 /// Starts the background threads at most once.
 static BACKGROUND: Once = Once::new();
 
+/// Whether this thread is inside a tokio runtime, so sockets and timers made now can use
+/// its reactor ([`crate::net`], [`crate::wait::sleep_until`]).
+pub(crate) fn on_tokio() -> bool {
+    tokio::runtime::Handle::try_current().is_ok()
+}
+
 /// Spawns `future` onto the process's executor.
 pub fn spawn<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> smol::Task<T> {
     if !DRIVEN.load(Ordering::Acquire) {
@@ -40,22 +49,15 @@ pub fn spawn<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static
     EXECUTOR.spawn(future)
 }
 
-/// Runs `future` to completion on this thread, running the process's tasks meanwhile.
+/// Runs `future` to completion on this thread, running the process's tasks meanwhile,
+/// inside a single-threaded tokio runtime: the process's sockets ([`crate::net`]) and its
+/// tokio tasks (the AMQP client's) then share this thread's reactor, so relaying a message
+/// between them wakes no other thread. async-io's reactor keeps a thread of its own for
+/// the long timers that still use it (none per message).
 ///
 /// Call it once, from `main`, before anything is spawned: tasks spawned earlier start the
 /// background threads, which then share the work (and its hops) with this one.
-pub fn block_on<T>(future: impl Future<Output = T>) -> T {
-    DRIVEN.store(true, Ordering::Release);
-    smol::block_on(EXECUTOR.run(future))
-}
-
-/// [`block_on`] inside a single-threaded tokio runtime: the process's sockets
-/// ([`crate::net`]) and its tokio tasks (the AMQP client's) then share this thread's
-/// reactor, so relaying a message between them wakes no other thread.
-///
-/// For the server. async-io's reactor keeps running on a thread of its own for the few
-/// timers that still use it (none per message).
-pub fn block_on_tokio<T>(future: impl Future<Output = T>) -> std::io::Result<T> {
+pub fn block_on<T>(future: impl Future<Output = T>) -> std::io::Result<T> {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

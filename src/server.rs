@@ -302,7 +302,7 @@ pub fn run(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..BrokerOptions::default()
     };
     let signals = signals::listen()?;
-    crate::runtime::block_on_tokio(async move {
+    crate::runtime::block_on(async move {
         // Inside `block_on`: the broker's supervisor is the first task spawned.
         let broker = Broker::start_with(config.amqp_urls(), config.topology.clone(), options)?;
         let listener = crate::net::TcpListener::bind(config.listen)

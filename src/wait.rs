@@ -32,6 +32,23 @@ pub async fn sleep_until(deadline: Instant) {
     if deadline.saturating_duration_since(Instant::now()) >= COARSE_FROM {
         wheel::until(deadline).await;
     } else {
+        timer_at(deadline).await;
+    }
+}
+
+/// Sleeps for `duration` on this thread's reactor, to the millisecond (no wheel): for
+/// short, frequent waits such as backoff steps and flush intervals.
+pub async fn sleep(duration: Duration) {
+    timer_at(Instant::now() + duration).await;
+}
+
+/// Resolves at `deadline` on this thread's reactor: tokio's inside a tokio runtime (both
+/// binaries), where an async-io timer would be kept by async-io's own thread and wake the
+/// runtime's thread from there, a cross-thread hop per timer; async-io's elsewhere.
+async fn timer_at(deadline: Instant) {
+    if crate::runtime::on_tokio() {
+        tokio::time::sleep_until(deadline.into()).await;
+    } else {
         async_io::Timer::at(deadline).await;
     }
 }
@@ -67,7 +84,7 @@ impl Backoff {
 
     /// Sleeps for [`Backoff::next_delay`].
     pub async fn wait(&mut self) {
-        async_io::Timer::after(self.next_delay()).await;
+        sleep(self.next_delay()).await;
     }
 
     /// Starts over from `min` after a success.

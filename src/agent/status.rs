@@ -317,7 +317,7 @@ pub(super) async fn run_writer(statuses: Arc<Statuses>, stop: async_channel::Rec
                 stop.recv().await.is_ok()
             })
             .await;
-        async_io::Timer::after(FLUSH_EVERY).await;
+        crate::wait::sleep(FLUSH_EVERY).await;
         statuses.flush().await;
         if last_expiry.elapsed() >= EXPIRE_EVERY {
             last_expiry = std::time::Instant::now();

@@ -74,7 +74,7 @@ async fn tick() {
     loop {
         let next = wheel.passed_at(Instant::now()) + 1;
         let boundary = wheel.epoch + Duration::from_millis(next.saturating_mul(SLOT_MS));
-        async_io::Timer::at(boundary).await;
+        super::timer_at(boundary).await;
         let passed = wheel.passed_at(Instant::now());
         let mut state = lock(&wheel.state);
         let pending = state.slots.split_off(&(passed + 1));
