@@ -25,6 +25,36 @@ pub const PROTOCOL_VERSION: u16 = 3;
 /// Room for frame fields around an envelope's ciphertext (ids, keys, lengths).
 pub const FRAME_OVERHEAD: usize = 4 * 1024;
 
+/// `Vec<u8>` fields as one byte string. postcard writes exactly the bytes it writes for a
+/// sequence of `u8` (a varint length, then the bytes), so the wire is unchanged; but serde
+/// reads and writes a sequence one element call at a time, a loop over every byte of every
+/// ciphertext, where a byte string is one copy.
+mod byte_string {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl Visitor<'_> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
+
 /// Why a byte string could not become a value of this module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -256,6 +286,7 @@ impl Header {
 pub struct Envelope {
     header: Header,
     enc: [u8; 32],
+    #[serde(with = "byte_string")]
     ciphertext: Vec<u8>,
 }
 
@@ -308,6 +339,7 @@ impl Envelope {
 /// so a relay cannot swap keys without the agents noticing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectoryDocument {
+    #[serde(with = "byte_string")]
     pub json: Vec<u8>,
     pub signature: Option<DirectorySignature>,
 }
@@ -591,6 +623,22 @@ mod tests {
             err.contains("100081 bytes") && err.contains("invalid agent id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn byte_strings_keep_the_wire_of_a_byte_sequence() {
+        // What the fields encoded as before they were byte strings: a plain `Vec<u8>`.
+        let ciphertext: Vec<u8> = (0..=255).chain(0..300).map(|b| b as u8).collect();
+        let env = Envelope::from_parts(header(), [7; 32], ciphertext.clone());
+        let as_sequence = postcard::to_allocvec(&(env.header(), [7u8; 32], &ciphertext)).unwrap();
+        assert_eq!(env.to_bytes(), as_sequence);
+        assert_eq!(Envelope::from_bytes(&as_sequence, 1 << 20).unwrap(), env);
+        let doc = DirectoryDocument {
+            json: b"{\"agents\":[]}".to_vec(),
+            signature: None,
+        };
+        let as_sequence = postcard::to_allocvec(&(&doc.json, None::<()>)).unwrap();
+        assert_eq!(postcard::to_allocvec(&doc).unwrap(), as_sequence);
     }
 
     #[test]
