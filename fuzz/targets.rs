@@ -186,7 +186,7 @@ pub fn send_request(data: &[u8]) {
         Ok(r) => {
             assert!(AgentId::new(r.recipient.as_str()).is_ok());
             // The agent seals exactly this serialization.
-            let plaintext = serde_json::to_vec(&r.payload).expect("a Value serializes");
+            let plaintext = serde_json::to_vec(&r.payload).expect("a raw payload serializes");
             // The recipient agent parses it again (same nesting limit, one level less deep).
             let back = serde_json::from_slice::<serde_json::Value>(&plaintext);
             assert!(

@@ -8,6 +8,8 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -22,7 +24,9 @@ pub struct SendRequest {
     pub recipient: AgentId,
     pub kind: Kind,
     pub created_at_ms: u64,
-    pub payload: Value,
+    /// The payload's JSON text as the local service wrote it: checked to be JSON, sealed as
+    /// it is, never built into a tree.
+    pub payload: Box<RawValue>,
     /// The message this one answers (`inReplyTo`), sealed with the payload.
     pub in_reply_to: Option<MessageId>,
     /// The conversation it belongs to (`conversationId`, at most 128 characters), sealed.
@@ -65,25 +69,55 @@ fn bad(field: &'static str, problem: impl fmt::Display) -> SendRequestError {
     }
 }
 
+/// The fields of a `POST /v1/messages` body, before their checks. The small ones become
+/// values (a JSON `null` counts as absent); the payload stays text. Other fields are ignored.
+#[derive(Deserialize)]
+struct RequestFields<'a> {
+    id: Option<Value>,
+    #[serde(rename = "recipientId")]
+    recipient: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    timestamp: Option<Value>,
+    /// Present whenever the body has it, `null` included (a payload may be any JSON).
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(rename = "inReplyTo")]
+    in_reply_to: Option<Value>,
+    #[serde(rename = "conversationId")]
+    conversation_id: Option<Value>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Whether `json` is an object: serde reads a struct from an array as well, by position.
+fn is_object(json: &[u8]) -> bool {
+    json.trim_ascii_start().first() == Some(&b'{')
+}
+
 impl SendRequest {
     /// Parses and checks a request body; absent optional fields get their defaults
     /// (a random id, `ChatMessage`, `now_ms`). The error names the field at fault.
     pub fn parse(body: &[u8], now_ms: u64) -> Result<Self, SendRequestError> {
-        let v: Value =
-            serde_json::from_slice(body).map_err(|e| SendRequestError::NotJson(e.to_string()))?;
-        let Value::Object(mut o) = v else {
+        let not_json = |e: serde_json::Error| SendRequestError::NotJson(e.to_string());
+        if !is_object(body) {
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
             return Err(SendRequestError::NotObject);
-        };
+        }
+        let f: RequestFields = serde_json::from_slice(body).map_err(not_json)?;
         Ok(Self {
-            id: id(o.remove("id"))?,
-            recipient: recipient(o.remove("recipientId"))?,
-            kind: kind(o.remove("type"))?,
-            created_at_ms: created_at(o.remove("timestamp"), now_ms)?,
-            payload: o
-                .remove("payload")
-                .ok_or_else(|| bad("payload", "required (any JSON value)"))?,
-            in_reply_to: in_reply_to(o.remove("inReplyTo"))?,
-            conversation_id: conversation_id(o.remove("conversationId"))?,
+            id: id(f.id)?,
+            recipient: recipient(f.recipient)?,
+            kind: kind(f.kind)?,
+            created_at_ms: created_at(f.timestamp, now_ms)?,
+            payload: f
+                .payload
+                .ok_or_else(|| bad("payload", "required (any JSON value)"))?
+                .to_owned(),
+            in_reply_to: in_reply_to(f.in_reply_to)?,
+            conversation_id: conversation_id(f.conversation_id)?,
         })
     }
 }
@@ -145,17 +179,36 @@ fn conversation_id(v: Option<Value>) -> Result<Option<String>, SendRequestError>
 
 /// What the sender's agent seals: the payload and the correlation fields, so the relay
 /// sees neither. Encoded as `{"payload":…, "inReplyTo"?:…, "conversationId"?:…}`.
-#[derive(Clone, Debug, PartialEq)]
-pub(super) struct Sealed {
-    pub payload: Value,
+///
+/// The payload is carried as JSON text from the request to the plaintext and from the
+/// plaintext to the webhook body: checked on each side, never built into a tree.
+#[derive(Clone, Debug, Serialize)]
+pub(super) struct Sealed<'a> {
+    pub payload: &'a RawValue,
+    #[serde(rename = "inReplyTo", skip_serializing_if = "Option::is_none")]
     pub in_reply_to: Option<MessageId>,
+    #[serde(rename = "conversationId", skip_serializing_if = "Option::is_none")]
     pub conversation_id: Option<String>,
 }
 
-impl Sealed {
-    pub(super) fn of(r: &SendRequest) -> Self {
+/// The correlation wrapper as read back: exactly these fields, `payload` required. The
+/// correlation fields are read leniently (a malformed one is dropped, as before sealing it
+/// could not have been).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wrapped<'a> {
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(rename = "inReplyTo")]
+    in_reply_to: Option<Value>,
+    #[serde(rename = "conversationId")]
+    conversation_id: Option<Value>,
+}
+
+impl<'a> Sealed<'a> {
+    pub(super) fn of(r: &'a SendRequest) -> Self {
         Self {
-            payload: r.payload.clone(),
+            payload: &r.payload,
             in_reply_to: r.in_reply_to,
             conversation_id: r.conversation_id.clone(),
         }
@@ -163,47 +216,27 @@ impl Sealed {
 
     /// The plaintext to seal.
     pub(super) fn to_plaintext(&self) -> Vec<u8> {
-        let mut o = serde_json::Map::new();
-        o.insert("payload".into(), self.payload.clone());
-        if let Some(id) = self.in_reply_to {
-            o.insert("inReplyTo".into(), id.to_string().into());
-        }
-        if let Some(c) = &self.conversation_id {
-            o.insert("conversationId".into(), c.clone().into());
-        }
-        Value::Object(o).to_string().into_bytes()
+        serde_json::to_vec(self).expect("a raw payload and strings always serialize")
     }
 
-    #[cfg(test)]
-    pub(super) fn from_plaintext(plaintext: &[u8]) -> Result<Self, serde_json::Error> {
-        Ok(Self::from_value(serde_json::from_slice(plaintext)?))
-    }
-
-    /// Reads an opened plaintext's JSON. An object with `payload` and nothing but the
-    /// correlation fields is this format; any other JSON is a bare payload (what protocol
-    /// version 1 agents and simple test peers seal).
-    pub(super) fn from_value(v: Value) -> Self {
-        let wrapped = |o: &serde_json::Map<String, Value>| {
-            o.contains_key("payload")
-                && o.keys()
-                    .all(|k| matches!(k.as_str(), "payload" | "inReplyTo" | "conversationId"))
-        };
-        match v {
-            Value::Object(mut o) if wrapped(&o) => {
-                let in_reply_to = in_reply_to(o.remove("inReplyTo")).ok().flatten();
-                let conversation_id = conversation_id(o.remove("conversationId")).ok().flatten();
-                Self {
-                    payload: o.remove("payload").unwrap_or(Value::Null),
-                    in_reply_to,
-                    conversation_id,
-                }
+    /// Reads an opened plaintext. An object with `payload` and nothing but the correlation
+    /// fields is this format; any other JSON is a bare payload (what protocol version 1
+    /// agents and simple test peers seal).
+    pub(super) fn from_plaintext(plaintext: &'a [u8]) -> Result<Self, serde_json::Error> {
+        if is_object(plaintext) {
+            if let Ok(w) = serde_json::from_slice::<Wrapped>(plaintext) {
+                return Ok(Self {
+                    payload: w.payload,
+                    in_reply_to: in_reply_to(w.in_reply_to).ok().flatten(),
+                    conversation_id: conversation_id(w.conversation_id).ok().flatten(),
+                });
             }
-            other => Self {
-                payload: other,
-                in_reply_to: None,
-                conversation_id: None,
-            },
         }
+        Ok(Self {
+            payload: serde_json::from_slice(plaintext)?,
+            in_reply_to: None,
+            conversation_id: None,
+        })
     }
 }
 
@@ -216,22 +249,29 @@ fn created_at(v: Option<Value>, now_ms: u64) -> Result<u64, SendRequestError> {
 }
 
 /// The `POST <deliver-url>` body for an opened message.
-pub(super) fn webhook_body(h: &Header, sealed: Sealed) -> Bytes {
-    let mut body = serde_json::json!({
-        "id": h.id.to_string(),
-        "senderId": h.sender,
-        "recipientId": h.recipient,
-        "timestamp": format_timestamp(h.created_at_ms),
-        "type": h.kind,
-        "payload": sealed.payload,
-    });
-    if let Some(id) = sealed.in_reply_to {
-        body["inReplyTo"] = id.to_string().into();
+pub(super) fn webhook_body(h: &Header, sealed: &Sealed) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        id: MessageId,
+        #[serde(rename = "senderId")]
+        sender: &'a AgentId,
+        #[serde(rename = "recipientId")]
+        recipient: &'a AgentId,
+        timestamp: String,
+        #[serde(rename = "type")]
+        kind: &'a Kind,
+        #[serde(flatten)]
+        sealed: &'a Sealed<'a>,
     }
-    if let Some(c) = sealed.conversation_id {
-        body["conversationId"] = c.into();
-    }
-    Bytes::from(body.to_string())
+    let body = Body {
+        id: h.id,
+        sender: &h.sender,
+        recipient: &h.recipient,
+        timestamp: format_timestamp(h.created_at_ms),
+        kind: &h.kind,
+        sealed,
+    };
+    Bytes::from(serde_json::to_vec(&body).expect("a webhook body always serializes"))
 }
 
 /// Accepted clock difference between agents.
@@ -322,6 +362,10 @@ pub(super) mod tests {
         assert_eq!(r.recipient.as_str(), "tax");
         assert_eq!(r.kind.as_str(), "ChatMessage");
         assert_eq!(r.created_at_ms, 42);
+        // The payload is kept as the service wrote it; a null payload is a payload.
+        assert_eq!(r.payload.get(), r#"{"q":"hi"}"#);
+        let r = SendRequest::parse(br#" {"payload" : null, "recipientId":"tax"}"#, 0).unwrap();
+        assert_eq!(r.payload.get(), "null");
         let full = br#"{"id":"5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10","recipientId":"tax","type":"Question","timestamp":"2025-01-02T03:04:05.678Z","payload":"x"}"#;
         let r = SendRequest::parse(full, 0).unwrap();
         assert_eq!(r.id.to_string(), "5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10");
@@ -349,6 +393,8 @@ pub(super) mod tests {
             ),
             (br#"{"recipientId":"a","payload":1,"type":7}"#, "type"),
             (br#"{not json"#, "JSON"),
+            (br#"[1"#, "JSON"),
+            (br#"{"recipientId":"a","payload":1} trailing"#, "JSON"),
         ] {
             let e = SendRequest::parse(body, 0).unwrap_err().to_string();
             assert!(e.contains(field), "{e} should mention {field}");
@@ -368,12 +414,22 @@ pub(super) mod tests {
         assert!(check_fresh(u64::MAX, 0, 0).is_err());
     }
 
-    fn bare(payload: Value) -> Sealed {
+    fn bare(payload: &RawValue) -> Sealed<'_> {
         Sealed {
             payload,
             in_reply_to: None,
             conversation_id: None,
         }
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    /// What a plaintext opens as, with the payload as its JSON text.
+    fn read_back(plaintext: &[u8]) -> (String, Option<MessageId>, Option<String>) {
+        let s = Sealed::from_plaintext(plaintext).unwrap();
+        (s.payload.get().to_owned(), s.in_reply_to, s.conversation_id)
     }
 
     #[test]
@@ -384,15 +440,35 @@ pub(super) mod tests {
         )
         .unwrap();
         let sealed = Sealed::of(&r);
-        let opened = Sealed::from_plaintext(&sealed.to_plaintext()).unwrap();
-        assert_eq!(opened, sealed);
-        let body: Value = serde_json::from_slice(&webhook_body(&header(0), opened)).unwrap();
+        let plaintext = sealed.to_plaintext();
+        let opened = Sealed::from_plaintext(&plaintext).unwrap();
+        assert_eq!(opened.payload.get(), r#"{"payload":1}"#);
+        assert_eq!(opened.in_reply_to, r.in_reply_to);
+        assert_eq!(opened.conversation_id.as_deref(), Some("case-7"));
+        let body: Value = serde_json::from_slice(&webhook_body(&header(0), &opened)).unwrap();
         assert_eq!(body["inReplyTo"], "5f0c1b8e-3c1d-4c59-9a65-1d2b2f1e7d10");
         assert_eq!(body["conversationId"], "case-7");
         assert_eq!(body["payload"], serde_json::json!({"payload": 1}));
         // A bare payload (a version 1 peer) still opens.
-        let old = Sealed::from_plaintext(br#"{"q":1}"#).unwrap();
-        assert_eq!(old, bare(serde_json::json!({"q": 1})));
+        assert_eq!(
+            read_back(br#"{"q":1}"#),
+            (r#"{"q":1}"#.to_owned(), None, None)
+        );
+        assert_eq!(read_back(b" [1, 2] "), ("[1, 2]".to_owned(), None, None));
+        // A wrapper with anything else in it is a bare payload too; a malformed correlation
+        // field is dropped, the payload kept.
+        let extra = br#"{"payload":1,"other":2}"#;
+        assert_eq!(
+            read_back(extra),
+            (r#"{"payload":1,"other":2}"#.to_owned(), None, None)
+        );
+        let bad_reply = br#"{"payload":{"a":[1]},"inReplyTo":"nope"}"#;
+        assert_eq!(
+            read_back(bad_reply),
+            (r#"{"a":[1]}"#.to_owned(), None, None)
+        );
+        assert!(Sealed::from_plaintext(b"{\"payload\":").is_err());
+        assert!(Sealed::from_plaintext(b"not json").is_err());
         let long = "x".repeat(129);
         for (extra, field) in [
             (r#""inReplyTo":"nope""#.to_owned(), "inReplyTo"),
@@ -414,7 +490,7 @@ pub(super) mod tests {
     fn webhook_body_carries_the_header_and_payload() {
         let h = header(1_735_787_045_678);
         let body: Value =
-            serde_json::from_slice(&webhook_body(&h, bare(serde_json::json!({"q": 1})))).unwrap();
+            serde_json::from_slice(&webhook_body(&h, &bare(&raw(r#"{"q":1}"#)))).unwrap();
         assert_eq!(
             body,
             serde_json::json!({

@@ -182,7 +182,8 @@ async fn open_and_post(
     url: &hyper::Uri,
 ) -> Result<(), DeliveryError> {
     let h = envelope.header();
-    let body = webhook_body(h, Sealed::from_value(open(agent, envelope).await?));
+    let plaintext = open(agent, envelope).await?;
+    let body = webhook_body(h, &json(agent, Sealed::from_plaintext(&plaintext))?);
     agent
         .webhook
         .deliver(url, body, &agent.metrics)
@@ -195,11 +196,9 @@ async fn open_and_post(
     Ok(())
 }
 
-/// Opens `envelope` with our key and its sender's, into the JSON payload it carries.
-pub(super) async fn open(
-    agent: &Agent,
-    envelope: &Envelope,
-) -> Result<serde_json::Value, DeliveryError> {
+/// Opens `envelope` with our key and its sender's, into its plaintext (JSON, which
+/// [`json`] reads).
+pub(super) async fn open(agent: &Agent, envelope: &Envelope) -> Result<Vec<u8>, DeliveryError> {
     let h = envelope.header();
     let sender = match agent.directory().get(&h.sender).cloned() {
         Some(s) => s,
@@ -213,23 +212,31 @@ pub(super) async fn open(
     };
     // The opener also tries the previous key: during a key rotation, messages sealed to it
     // still arrive for a while.
-    let payload = agent
+    agent
         .opener
         .open(&sender.public_key, envelope)
-        .map_err(|e| match agent.trust.key_change(&h.sender) {
-            Some(change) => DeliveryError::KeyChanged {
-                sender: h.sender.clone(),
-                detail: change.describe(&h.sender, agent.state.dir()),
-            },
-            None => DeliveryError::Unopenable(e.to_string()),
+        .map_err(|e| {
+            agent.metrics.decrypt_failures.inc();
+            match agent.trust.key_change(&h.sender) {
+                Some(change) => DeliveryError::KeyChanged {
+                    sender: h.sender.clone(),
+                    detail: change.describe(&h.sender, agent.state.dir()),
+                },
+                None => DeliveryError::Unopenable(e.to_string()),
+            }
         })
-        .and_then(|plaintext| {
-            serde_json::from_slice(&plaintext).map_err(|e| DeliveryError::NotJson(e.to_string()))
-        });
-    if payload.is_err() {
+}
+
+/// What an opened plaintext read as: a plaintext that is not the JSON expected counts as
+/// a decryption failure (the sender sealed something no agent writes).
+pub(super) fn json<T>(
+    agent: &Agent,
+    read: Result<T, serde_json::Error>,
+) -> Result<T, DeliveryError> {
+    read.map_err(|e| {
         agent.metrics.decrypt_failures.inc();
-    }
-    payload
+        DeliveryError::NotJson(e.to_string())
+    })
 }
 
 /// Waits until deliveries in progress finish (or `limit` passes), for a clean stop.

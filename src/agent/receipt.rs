@@ -169,7 +169,8 @@ async fn accept(agent: &Agent, envelope: &Envelope) -> Result<(), DeliveryError>
     if let Err(e) = check_fresh(h.created_at_ms, agent.config.message_ttl_ms, now_ms()) {
         return Err(DeliveryError::Stale(e));
     }
-    let body = inbox::open(agent, envelope).await?;
+    let plaintext = inbox::open(agent, envelope).await?;
+    let body = inbox::json(agent, serde_json::from_slice(&plaintext))?;
     let ids = delivered_ids(&body).ok_or_else(|| {
         DeliveryError::NotJson(
             "a receipt's body must be {\"receipt\":\"<message id>\"} or name ids in \
