@@ -92,6 +92,39 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// Deepest nesting of arrays and objects a payload may have: what serde_json allowed when
+/// the agents still parsed payloads into trees (its limit of 128, less the body around the
+/// payload). Kept because a local service's parser may have less stack than that.
+pub const MAX_PAYLOAD_DEPTH: usize = 126;
+
+/// Whether the valid JSON text `json` nests arrays and objects at most `max` deep.
+fn nesting_within(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' if depth == max => return false,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+fn too_deep() -> String {
+    format!("nested deeper than {MAX_PAYLOAD_DEPTH} levels of JSON arrays and objects")
+}
+
 /// Whether `json` is an object: serde reads a struct from an array as well, by position.
 fn is_object(json: &[u8]) -> bool {
     json.trim_ascii_start().first() == Some(&b'{')
@@ -107,15 +140,18 @@ impl SendRequest {
             return Err(SendRequestError::NotObject);
         }
         let f: RequestFields = serde_json::from_slice(body).map_err(not_json)?;
+        let payload = f
+            .payload
+            .ok_or_else(|| bad("payload", "required (any JSON value)"))?;
+        if !nesting_within(payload.get(), MAX_PAYLOAD_DEPTH) {
+            return Err(bad("payload", too_deep()));
+        }
         Ok(Self {
             id: id(f.id)?,
             recipient: recipient(f.recipient)?,
             kind: kind(f.kind)?,
             created_at_ms: created_at(f.timestamp, now_ms)?,
-            payload: f
-                .payload
-                .ok_or_else(|| bad("payload", "required (any JSON value)"))?
-                .to_owned(),
+            payload: payload.to_owned(),
             in_reply_to: in_reply_to(f.in_reply_to)?,
             conversation_id: conversation_id(f.conversation_id)?,
         })
@@ -223,6 +259,17 @@ impl<'a> Sealed<'a> {
     /// fields is this format; any other JSON is a bare payload (what protocol version 1
     /// agents and simple test peers seal).
     pub(super) fn from_plaintext(plaintext: &'a [u8]) -> Result<Self, serde_json::Error> {
+        let sealed = Self::read(plaintext)?;
+        match nesting_within(sealed.payload.get(), MAX_PAYLOAD_DEPTH) {
+            true => Ok(sealed),
+            false => Err(serde::de::Error::custom(format!(
+                "the payload is {}",
+                too_deep()
+            ))),
+        }
+    }
+
+    fn read(plaintext: &'a [u8]) -> Result<Self, serde_json::Error> {
         if is_object(plaintext) {
             if let Ok(w) = serde_json::from_slice::<Wrapped>(plaintext) {
                 return Ok(Self {
@@ -402,6 +449,24 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn payloads_nest_at_most_as_deep_as_before() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let body = |payload: String| format!(r#"{{"recipientId":"a","payload":{payload}}}"#);
+        assert!(SendRequest::parse(body(nested(MAX_PAYLOAD_DEPTH)).as_bytes(), 0).is_ok());
+        let e = SendRequest::parse(body(nested(MAX_PAYLOAD_DEPTH + 1)).as_bytes(), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("payload: nested deeper") && e.contains("JSON"),
+            "{e}"
+        );
+        // Brackets inside strings, escaped quotes included, are text, not nesting.
+        let strings = format!(r#"[{{"a":"{}\"{}"}}]"#, "[".repeat(200), "{".repeat(200));
+        assert!(nesting_within(&strings, 2));
+        assert!(!nesting_within(&strings, 1));
+    }
+
+    #[test]
     fn the_freshness_window_is_ttl_plus_skew_back_and_skew_ahead_without_overflow() {
         let (ttl, now) = (60_000, 10_000_000);
         assert!(check_fresh(now, ttl, now).is_ok());
@@ -469,6 +534,17 @@ pub(super) mod tests {
         );
         assert!(Sealed::from_plaintext(b"{\"payload\":").is_err());
         assert!(Sealed::from_plaintext(b"not json").is_err());
+        // As deep as a request may nest it opens; deeper is refused, bare or wrapped.
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let deepest = format!(r#"{{"payload":{}}}"#, nested(MAX_PAYLOAD_DEPTH));
+        assert!(Sealed::from_plaintext(deepest.as_bytes()).is_ok());
+        for deeper in [
+            format!(r#"{{"payload":{}}}"#, nested(MAX_PAYLOAD_DEPTH + 1)),
+            nested(MAX_PAYLOAD_DEPTH + 1),
+        ] {
+            let e = Sealed::from_plaintext(deeper.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("nested deeper"), "{e}");
+        }
         let long = "x".repeat(129);
         for (extra, field) in [
             (r#""inReplyTo":"nope""#.to_owned(), "inReplyTo"),
