@@ -185,14 +185,16 @@ pub fn send_request(data: &[u8]) {
     match SendRequest::parse(data, 1_700_000_000_000) {
         Ok(r) => {
             assert!(AgentId::new(r.recipient.as_str()).is_ok());
-            // The agent seals exactly this serialization.
+            // The agent seals the payload's text as it came; a recipient's JSON parser
+            // must read it. The one thing a tree parser refuses and the agent passes on
+            // is a number beyond f64 (JSON sets no limit); lone surrogates and deep
+            // nesting are refused at the edge.
             let plaintext = serde_json::to_vec(&r.payload).expect("a raw payload serializes");
-            // The recipient agent parses it again (same nesting limit, one level less deep).
-            let back = serde_json::from_slice::<serde_json::Value>(&plaintext);
-            assert!(
-                back.is_ok(),
-                "the recipient cannot parse the payload: {back:?}"
-            );
+            match serde_json::from_slice::<serde_json::Value>(&plaintext) {
+                Ok(_) => {}
+                Err(e) if e.to_string().starts_with("number out of range") => {}
+                Err(e) => panic!("the recipient cannot parse the payload: {e}"),
+            }
         }
         Err(e) => {
             check_error("SendRequest::parse", &e);

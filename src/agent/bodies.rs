@@ -97,32 +97,49 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 /// payload). Kept because a local service's parser may have less stack than that.
 pub const MAX_PAYLOAD_DEPTH: usize = 126;
 
-/// Whether the valid JSON text `json` nests arrays and objects at most `max` deep.
-fn nesting_within(json: &str, max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json.as_bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+/// What serde_json's tree parser refused in a payload and its raw reader lets through:
+/// nesting deeper than [`MAX_PAYLOAD_DEPTH`], and a `\u` escape of half a surrogate pair
+/// (no Unicode character; many parsers fail on it). `json` is valid JSON otherwise.
+/// Numbers are passed as written, also beyond what an `f64` holds: JSON sets no limit.
+fn check_payload(json: &str) -> Result<(), String> {
+    let bytes = json.as_bytes();
+    let (mut depth, mut in_string, mut i) = (0usize, false, 0);
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        match (in_string, b) {
+            (false, b'"') => in_string = true,
+            (false, b'[' | b'{') if depth == MAX_PAYLOAD_DEPTH => {
+                return Err(format!(
+                    "nested deeper than {MAX_PAYLOAD_DEPTH} levels of JSON arrays and objects"
+                ))
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' if depth == max => return false,
-            b'[' | b'{' => depth += 1,
-            b']' | b'}' => depth = depth.saturating_sub(1),
+            (false, b'[' | b'{') => depth += 1,
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            (true, b'"') => in_string = false,
+            (true, b'\\') if bytes.get(i) == Some(&b'u') => {
+                let unit = hex4(bytes, i + 1);
+                i += 5;
+                let low = bytes.get(i..i + 2) == Some(b"\\u")
+                    && matches!(hex4(bytes, i + 2), Some(0xDC00..=0xDFFF));
+                match unit {
+                    Some(0xD800..=0xDBFF) if low => i += 6,
+                    Some(0xD800..=0xDFFF) => {
+                        return Err("a \\u escape of half a surrogate pair (no character)".into())
+                    }
+                    _ => {}
+                }
+            }
+            (true, b'\\') => i += 1,
             _ => {}
         }
     }
-    true
+    Ok(())
 }
 
-fn too_deep() -> String {
-    format!("nested deeper than {MAX_PAYLOAD_DEPTH} levels of JSON arrays and objects")
+/// The four hex digits at `at` as a UTF-16 code unit.
+fn hex4(bytes: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(bytes.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
 }
 
 /// Whether `json` is an object: serde reads a struct from an array as well, by position.
@@ -143,9 +160,7 @@ impl SendRequest {
         let payload = f
             .payload
             .ok_or_else(|| bad("payload", "required (any JSON value)"))?;
-        if !nesting_within(payload.get(), MAX_PAYLOAD_DEPTH) {
-            return Err(bad("payload", too_deep()));
-        }
+        check_payload(payload.get()).map_err(|problem| bad("payload", problem))?;
         Ok(Self {
             id: id(f.id)?,
             recipient: recipient(f.recipient)?,
@@ -260,13 +275,9 @@ impl<'a> Sealed<'a> {
     /// agents and simple test peers seal).
     pub(super) fn from_plaintext(plaintext: &'a [u8]) -> Result<Self, serde_json::Error> {
         let sealed = Self::read(plaintext)?;
-        match nesting_within(sealed.payload.get(), MAX_PAYLOAD_DEPTH) {
-            true => Ok(sealed),
-            false => Err(serde::de::Error::custom(format!(
-                "the payload is {}",
-                too_deep()
-            ))),
-        }
+        check_payload(sealed.payload.get())
+            .map_err(|problem| serde::de::Error::custom(format!("the payload has {problem}")))?;
+        Ok(sealed)
     }
 
     fn read(plaintext: &'a [u8]) -> Result<Self, serde_json::Error> {
@@ -449,7 +460,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn payloads_nest_at_most_as_deep_as_before() {
+    fn payloads_nest_no_deeper_and_escape_no_worse_than_before() {
         let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
         let body = |payload: String| format!(r#"{{"recipientId":"a","payload":{payload}}}"#);
         assert!(SendRequest::parse(body(nested(MAX_PAYLOAD_DEPTH)).as_bytes(), 0).is_ok());
@@ -462,8 +473,28 @@ pub(super) mod tests {
         );
         // Brackets inside strings, escaped quotes included, are text, not nesting.
         let strings = format!(r#"[{{"a":"{}\"{}"}}]"#, "[".repeat(200), "{".repeat(200));
-        assert!(nesting_within(&strings, 2));
-        assert!(!nesting_within(&strings, 1));
+        assert!(check_payload(&strings).is_ok());
+        // Escaped and quoted brackets do not count: this is as deep as allowed, one more
+        // level is not.
+        let deep = nested(MAX_PAYLOAD_DEPTH - 1);
+        let at_limit = format!(r#"["\\u005b\"[", "{}", {deep}]"#, "[".repeat(300));
+        assert!(check_payload(&at_limit).is_ok());
+        assert!(check_payload(&format!("[{at_limit}]")).is_err());
+        // Half a surrogate pair is refused; a whole pair, and the same text escaped, pass.
+        for (json, ok) in [
+            (r#""\ud83d\ude00""#, true),
+            (r#""\\ud800""#, true),
+            (r#""\ud800""#, false),
+            (r#""\ud800\u0041""#, false),
+            (r#""\udc00""#, false),
+            (r#"{"q":"h\ud800I"}"#, false),
+            (r#""\ud83d""#, false),
+        ] {
+            assert_eq!(check_payload(json).is_ok(), ok, "{json}");
+            let body = format!(r#"{{"recipientId":"a","payload":{json}}}"#);
+            let parsed = SendRequest::parse(body.as_bytes(), 0);
+            assert_eq!(parsed.is_ok(), ok, "{json}: {parsed:?}");
+        }
     }
 
     #[test]
