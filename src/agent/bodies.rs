@@ -103,37 +103,50 @@ pub const MAX_PAYLOAD_DEPTH: usize = 126;
 /// Numbers are passed as written, also beyond what an `f64` holds: JSON sets no limit.
 fn check_payload(json: &str) -> Result<(), String> {
     let bytes = json.as_bytes();
-    let (mut depth, mut in_string, mut i) = (0usize, false, 0);
+    let (mut depth, mut i) = (0usize, 0);
     while let Some(&b) = bytes.get(i) {
         i += 1;
-        match (in_string, b) {
-            (false, b'"') => in_string = true,
-            (false, b'[' | b'{') if depth == MAX_PAYLOAD_DEPTH => {
+        match b {
+            b'"' => i = string_end(bytes, i)?,
+            b'[' | b'{' if depth == MAX_PAYLOAD_DEPTH => {
                 return Err(format!(
                     "nested deeper than {MAX_PAYLOAD_DEPTH} levels of JSON arrays and objects"
                 ))
             }
-            (false, b'[' | b'{') => depth += 1,
-            (false, b']' | b'}') => depth = depth.saturating_sub(1),
-            (true, b'"') => in_string = false,
-            (true, b'\\') if bytes.get(i) == Some(&b'u') => {
-                let unit = hex4(bytes, i + 1);
-                i += 5;
-                let low = bytes.get(i..i + 2) == Some(b"\\u")
-                    && matches!(hex4(bytes, i + 2), Some(0xDC00..=0xDFFF));
-                match unit {
-                    Some(0xD800..=0xDBFF) if low => i += 6,
-                    Some(0xD800..=0xDFFF) => {
-                        return Err("a \\u escape of half a surrogate pair (no character)".into())
-                    }
-                    _ => {}
-                }
-            }
-            (true, b'\\') => i += 1,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Just past the end of the JSON string whose text starts at `i`, after checking its `\u`
+/// escapes. Jumps from quote or backslash to the next (most of a payload is string text).
+fn string_end(bytes: &[u8], mut i: usize) -> Result<usize, String> {
+    let rest = |i: usize| bytes.get(i..).unwrap_or_default();
+    while let Some(at) = memchr::memchr2(b'"', b'\\', rest(i)) {
+        i += at + 1;
+        if bytes[i - 1] == b'"' {
+            return Ok(i);
+        }
+        if bytes.get(i) != Some(&b'u') {
+            i += 1;
+            continue;
+        }
+        let unit = hex4(bytes, i + 1);
+        i += 5;
+        let low =
+            rest(i).starts_with(b"\\u") && matches!(hex4(bytes, i + 2), Some(0xDC00..=0xDFFF));
+        match unit {
+            Some(0xD800..=0xDBFF) if low => i += 6,
+            Some(0xD800..=0xDFFF) => {
+                return Err("a \\u escape of half a surrogate pair (no character)".into())
+            }
+            _ => {}
+        }
+    }
+    Ok(bytes.len())
 }
 
 /// The four hex digits at `at` as a UTF-16 code unit.
