@@ -27,6 +27,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::crypto::ChannelBinding;
 use crate::net::TcpStream;
+use crate::wait::Ticker;
 
 /// A connection, with or without TLS.
 pub enum Stream {
@@ -432,19 +433,17 @@ pub(crate) async fn write_loop<S, T>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    use futures_lite::StreamExt;
-
     // One ticker for the connection's life, not a timer per frame: each timer set or
     // cleared is a round through the reactor. A ping goes out on the first tick after a
     // whole interval without a frame, so the peer hears something at least every
     // 2 × PING_EVERY, well within its IDLE_TIMEOUT.
-    let mut ticks = smol::Timer::interval(PING_EVERY);
+    let mut ticks = Ticker::every(PING_EVERY);
     let mut wrote = false;
     loop {
         let next = futures_lite::future::or(
             async { Some(out.recv().await.ok().map(&mut frame)) },
             async {
-                ticks.next().await;
+                ticks.tick().await;
                 None
             },
         )
@@ -470,7 +469,7 @@ where
 /// The limit is enforced to within a quarter of itself: a connection is dropped between
 /// `limit` and 1¼ × `limit` after the last thing heard.
 pub(crate) struct Quiet {
-    ticks: smol::Timer,
+    ticks: Ticker,
     last: Instant,
     limit: Duration,
 }
@@ -478,7 +477,7 @@ pub(crate) struct Quiet {
 impl Quiet {
     pub(crate) fn new(limit: Duration) -> Self {
         Self {
-            ticks: smol::Timer::interval(limit / 4),
+            ticks: Ticker::every(limit / 4),
             last: Instant::now(),
             limit,
         }
@@ -486,12 +485,10 @@ impl Quiet {
 
     /// Awaits `heard` (the next read), or gives `None` once nothing was heard for the limit.
     pub(crate) async fn within<T>(&mut self, heard: impl Future<Output = T>) -> Option<T> {
-        use futures_lite::StreamExt;
-
         let (last, limit, ticks) = (self.last, self.limit, &mut self.ticks);
         let expired = async {
             loop {
-                ticks.next().await;
+                ticks.tick().await;
                 if last.elapsed() >= limit {
                     return None;
                 }

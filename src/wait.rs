@@ -53,6 +53,42 @@ async fn timer_at(deadline: Instant) {
     }
 }
 
+/// A tick every period on this thread's reactor (see [`sleep`]): one timer for a
+/// connection's life instead of one per frame, as pings and idle checks use it. The first
+/// tick comes one period after the start; a late tick delays the ones after it.
+pub struct Ticker(Ticks);
+
+enum Ticks {
+    AsyncIo(async_io::Timer),
+    Tokio(tokio::time::Interval),
+}
+
+impl Ticker {
+    pub fn every(period: Duration) -> Self {
+        if crate::runtime::on_tokio() {
+            let start = tokio::time::Instant::now() + period;
+            let mut ticks = tokio::time::interval_at(start, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            Self(Ticks::Tokio(ticks))
+        } else {
+            Self(Ticks::AsyncIo(async_io::Timer::interval(period)))
+        }
+    }
+
+    /// Waits for the next tick. Dropping the wait loses no tick: the next call gets it.
+    pub async fn tick(&mut self) {
+        use futures_lite::StreamExt;
+        match &mut self.0 {
+            Ticks::AsyncIo(timer) => {
+                timer.next().await;
+            }
+            Ticks::Tokio(interval) => {
+                interval.tick().await;
+            }
+        }
+    }
+}
+
 /// Exponential backoff: `min` doubled per consecutive failure up to `max`, each wait shortened
 /// by up to a quarter at random so that many peers retrying after the same outage spread out.
 #[derive(Clone, Debug)]
@@ -139,5 +175,35 @@ mod tests {
             assert_eq!(with_timeout(COARSE_FROM, never).await, None);
             assert!(started.elapsed() >= COARSE_FROM);
         });
+    }
+
+    /// The ticks, and short sleeps, on both reactors: tokio's inside a tokio runtime (the
+    /// binaries), async-io's elsewhere. None comes early; a tick whose wait was dropped is
+    /// not lost.
+    #[test]
+    fn tickers_and_sleeps_keep_time_on_either_reactor() {
+        let period = Duration::from_millis(30);
+        let check = || async move {
+            let started = Instant::now();
+            let mut ticker = Ticker::every(period);
+            ticker.tick().await;
+            assert!(started.elapsed() >= period);
+            // A wait given up before the tick came: the tick is still there afterwards.
+            assert!(with_timeout(Duration::from_millis(1), ticker.tick())
+                .await
+                .is_none());
+            ticker.tick().await;
+            assert!(started.elapsed() >= 2 * period);
+            let slept = Instant::now();
+            sleep(period).await;
+            assert!(slept.elapsed() >= period);
+            crate::runtime::on_tokio()
+        };
+        assert!(!smol::block_on(check()));
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert!(tokio.block_on(check()));
     }
 }
