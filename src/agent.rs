@@ -372,7 +372,8 @@ impl Agent {
 pub fn run(args: AgentArgs) -> Result<(), Box<dyn std::error::Error>> {
     let agent = Agent::new(AgentConfig::from_args(args)?)?;
     let signals = signals::listen()?;
-    runtime::block_on(serve(agent, signals))?
+    runtime::block_on(serve(agent, signals))
+        .map_err(|e| format!("cannot start the agent's runtime: {e}"))?
 }
 
 /// Off loopback the API is reachable by others: say what protects it, and what does not.
