@@ -253,6 +253,10 @@ pub struct DlqListArgs {
     #[argh(option, default = "String::new()")]
     pub queue_prefix: String,
 
+    /// PEM CA certificates to trust for amqps:// nodes, as for run [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
+
     /// print a JSON array instead of a table
     #[argh(switch)]
     pub json: bool,
@@ -270,6 +274,10 @@ pub struct DlqShowArgs {
     /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
     #[argh(option, default = "String::new()")]
     pub queue_prefix: String,
+
+    /// PEM CA certificates to trust for amqps:// nodes, as for run [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
 
     /// print JSON
     #[argh(switch)]
@@ -293,6 +301,10 @@ pub struct DlqReplayArgs {
     /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
     #[argh(option, default = "String::new()")]
     pub queue_prefix: String,
+
+    /// PEM CA certificates to trust for amqps:// nodes, as for run [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
 
     /// replay this message (repeatable; ids may also be given as arguments)
     #[argh(option)]
@@ -327,6 +339,10 @@ pub struct DlqPurgeArgs {
     /// the servers' --queue-prefix [env DMR_QUEUE_PREFIX] [default none]
     #[argh(option, default = "String::new()")]
     pub queue_prefix: String,
+
+    /// PEM CA certificates to trust for amqps:// nodes, as for run [env DMR_AMQP_CA_FILE]
+    #[argh(option)]
+    pub amqp_ca_file: Option<PathBuf>,
 
     /// yes, delete them (required)
     #[argh(switch)]
@@ -622,13 +638,38 @@ pub const SERVER_ENV_FLAGS: &[(&str, &[(&str, bool)])] = &[
     ),
     // Never --yes, --all or --json from the environment: a leftover variable must not
     // purge or replay anything.
-    ("dlq list", &[("amqp-url", false), ("queue-prefix", false)]),
-    ("dlq show", &[("amqp-url", false), ("queue-prefix", false)]),
+    (
+        "dlq list",
+        &[
+            ("amqp-url", false),
+            ("amqp-ca-file", false),
+            ("queue-prefix", false),
+        ],
+    ),
+    (
+        "dlq show",
+        &[
+            ("amqp-url", false),
+            ("amqp-ca-file", false),
+            ("queue-prefix", false),
+        ],
+    ),
     (
         "dlq replay",
-        &[("amqp-url", false), ("queue-prefix", false)],
+        &[
+            ("amqp-url", false),
+            ("amqp-ca-file", false),
+            ("queue-prefix", false),
+        ],
     ),
-    ("dlq purge", &[("amqp-url", false), ("queue-prefix", false)]),
+    (
+        "dlq purge",
+        &[
+            ("amqp-url", false),
+            ("amqp-ca-file", false),
+            ("queue-prefix", false),
+        ],
+    ),
     ("health", &[("listen", false)]),
 ];
 

@@ -114,6 +114,11 @@ fn relay_over_amqps_with_a_private_ca_and_a_clear_refusal_without_it() {
 
     // Started first, so its refusals are logged while the relay below is set up.
     let untrusting = spawn_server(&world, "server-no-ca", &node.url, &[]);
+    // The operator commands take the same flag; without it they give up after their
+    // connect timeout, so this one runs while the relay is tested.
+    let dlq_untrusting = dlq_list(&world, &node.url, None)
+        .spawn()
+        .expect("dmr-server dlq list starts");
 
     let ca = node.ca.display().to_string();
     let mut server = spawn_server(&world, "server-amqps", &node.url, &["--amqp-ca-file", &ca]);
@@ -161,4 +166,41 @@ fn relay_over_amqps_with_a_private_ca_and_a_clear_refusal_without_it() {
     assert!(!refused.contains("connected to RabbitMQ"), "{refused}");
     let ready = http_get(untrusting.addr, "/readyz").map(|(s, _)| s);
     assert_ne!(ready, Some(200), "ready without a trusted RabbitMQ");
+
+    // `dlq list` reads the DLQ through the TLS node with the CA file, and without it
+    // fails saying which flag is missing.
+    let out = dlq_list(&world, &node.url, Some(&node.ca))
+        .output()
+        .expect("dmr-server dlq list runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "dlq list with the CA failed:\n{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("dlq list --json");
+    assert_eq!(listed, json!([]), "the DLQ should be empty: {stdout}");
+    let out = dlq_untrusting
+        .wait_with_output()
+        .expect("dmr-server dlq list ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dlq list trusted the test CA without --amqp-ca-file");
+    assert!(
+        stderr.contains("--amqp-ca-file") && !stderr.contains("guest:guest"),
+        "dlq list without the CA does not say what to do:\n{stderr}"
+    );
+}
+
+/// `dmr-server dlq list --json` against `url`, trusting `ca` if given.
+fn dlq_list(world: &World, url: &str, ca: Option<&Path>) -> Command {
+    let mut cmd = Command::new(support::SERVER_BIN);
+    cmd.args(["dlq", "list", "--json", "--amqp-url", url])
+        .args(["--queue-prefix", &world.prefix])
+        .env_remove("RUST_LOG")
+        .env_remove("DMR_AMQP_CA_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(ca) = ca {
+        cmd.arg("--amqp-ca-file").arg(ca);
+    }
+    cmd
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::CommandResult;
-use crate::broker::{Broker, DeadLetter, DlqSnapshot, Topology};
+use crate::broker::{Broker, BrokerOptions, DeadLetter, DlqSnapshot, Topology};
 use crate::config::{DlqCommand, DlqReplayArgs};
 use crate::wait::with_timeout;
 
@@ -17,11 +17,11 @@ const IDLE: Duration = Duration::from_secs(2);
 
 /// Runs `dmr-server dlq …`.
 pub fn dlq_command(command: &DlqCommand) -> CommandResult {
-    let (amqp_url, prefix) = match command {
-        DlqCommand::List(a) => (&a.amqp_url, &a.queue_prefix),
-        DlqCommand::Show(a) => (&a.amqp_url, &a.queue_prefix),
-        DlqCommand::Replay(a) => (&a.amqp_url, &a.queue_prefix),
-        DlqCommand::Purge(a) => (&a.amqp_url, &a.queue_prefix),
+    let (amqp_url, prefix, ca_file) = match command {
+        DlqCommand::List(a) => (&a.amqp_url, &a.queue_prefix, &a.amqp_ca_file),
+        DlqCommand::Show(a) => (&a.amqp_url, &a.queue_prefix, &a.amqp_ca_file),
+        DlqCommand::Replay(a) => (&a.amqp_url, &a.queue_prefix, &a.amqp_ca_file),
+        DlqCommand::Purge(a) => (&a.amqp_url, &a.queue_prefix, &a.amqp_ca_file),
     };
     if let DlqCommand::Purge(a) = command {
         if !a.yes {
@@ -36,8 +36,11 @@ pub fn dlq_command(command: &DlqCommand) -> CommandResult {
         prefix: prefix.clone(),
         ..Topology::default()
     };
-    let name = format!("dmr-server dlq pid {}", std::process::id());
-    let broker = Broker::start_named(vec![amqp_url.clone()], topology, &name)?;
+    let options = BrokerOptions {
+        connection_name: Some(format!("dmr-server dlq pid {}", std::process::id())),
+        ca_file: ca_file.clone(),
+    };
+    let broker = Broker::start_with(vec![amqp_url.clone()], topology, options)?;
     smol::block_on(async {
         if with_timeout(CONNECT_TIMEOUT, broker.connected())
             .await
