@@ -29,6 +29,10 @@
 //! goals of issue 15 (sender ≤ 0.20 ms, recipient ≤ 0.18 ms, both servers together ≤ 0.25
 //! of RabbitMQ: each message passes one server going in and one going out). RabbitMQ's
 //! figure includes whatever else uses the node meanwhile; its idle rate is printed first.
+//! A second table splits that CPU: the kernel's share, and per message how often each
+//! process's threads slept (voluntary context switches: one wake-up each) and were
+//! preempted, from `/proc/<pid>/task/*/status`. A process at its fewest system calls is
+//! bounded by these.
 //!
 //! Knobs (environment):
 //! - `DMR_BENCH_MESSAGES` (default 5000): messages of `baseline`, `relay`, `policy` and
@@ -183,6 +187,7 @@ fn main() {
         rows.add(scale::run(env_usize("DMR_BENCH_PAIRS", 50).max(1), n));
     }
     report::print_cpu(&rows.0);
+    report::print_kernel_share(&rows.0);
     if run("crypto") {
         crypto::run(&World::new("bench-crypto", &["a", "b"]), 2000);
     }

@@ -176,14 +176,20 @@ fn relay_over_amqps_with_a_private_ca_and_a_clear_refusal_without_it() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(out.status.success(), "dlq list with the CA failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "dlq list with the CA failed:\n{stderr}"
+    );
     let listed: serde_json::Value = serde_json::from_str(&stdout).expect("dlq list --json");
     assert_eq!(listed, json!([]), "the DLQ should be empty: {stdout}");
     let out = dlq_untrusting
         .wait_with_output()
         .expect("dmr-server dlq list ends");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "dlq list trusted the test CA without --amqp-ca-file");
+    assert!(
+        !out.status.success(),
+        "dlq list trusted the test CA without --amqp-ca-file"
+    );
     assert!(
         stderr.contains("--amqp-ca-file") && !stderr.contains("guest:guest"),
         "dlq list without the CA does not say what to do:\n{stderr}"

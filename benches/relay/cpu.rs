@@ -1,12 +1,13 @@
 //! CPU time per message of each process taking part in a measured run: a snapshot of every
-//! watched process's user+system ticks before, another after, divided by the messages.
+//! watched process's user+system ticks (and its threads' context switches) before, another
+//! after, divided by the messages.
 //!
 //! Each process has a [`Role`], so a run with many agents can be summed per class (all
 //! senders, all recipients) and compared with the goals of issue 15.
 
 use std::time::{Duration, Instant};
 
-use crate::procs;
+use crate::procs::{self, Usage};
 
 /// What a watched process does in the run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -38,9 +39,9 @@ impl Watched {
     }
 }
 
-/// Ticks of every watched process at the start of a run.
+/// Usage of every watched process at the start of a run.
 pub struct CpuMeter {
-    watched: Vec<(Watched, u64)>,
+    watched: Vec<(Watched, Usage)>,
 }
 
 /// Milliseconds of CPU per message, per role (summed over the processes of that role).
@@ -49,6 +50,18 @@ pub struct CpuUse {
     /// One clock tick per message: no figure is finer than this.
     pub resolution_ms: f64,
     per_role: Vec<(Role, f64)>,
+    /// What each role used in the run, summed over its processes.
+    used: Vec<(Role, Usage)>,
+    messages: usize,
+}
+
+/// Where a role's CPU went: the kernel's share, and the sleeps and preemptions per message
+/// that much of the kernel's share pays for.
+pub struct KernelShare {
+    /// System ticks over all ticks, 0 to 1 (`None` if the role used no measurable CPU).
+    pub system: Option<f64>,
+    pub sleeps_per_message: f64,
+    pub preempted_per_message: f64,
 }
 
 /// How long a run's processes may stay busy after its last message (receipts, acks).
@@ -61,8 +74,8 @@ impl CpuMeter {
             .into_iter()
             .flatten()
             .map(|w| {
-                let t = procs::cpu_ticks(w.pid).unwrap_or(0);
-                (w, t)
+                let u = procs::usage(w.pid).unwrap_or_default();
+                (w, u)
             })
             .collect();
         Self { watched }
@@ -97,19 +110,24 @@ impl CpuMeter {
     pub fn stop(&self, messages: usize) -> CpuUse {
         let tick_ms = 1000.0 / procs::clock_ticks_per_second();
         let mut per_role: Vec<(Role, f64)> = Vec::new();
+        let mut used: Vec<(Role, Usage)> = Vec::new();
         for (w, before) in &self.watched {
-            let used = procs::cpu_ticks(w.pid)
-                .unwrap_or(*before)
-                .saturating_sub(*before);
-            let ms = used as f64 * tick_ms / messages.max(1) as f64;
+            let run = procs::usage(w.pid).unwrap_or(*before).since(before);
+            let ms = (run.user + run.system) as f64 * tick_ms / messages.max(1) as f64;
             match per_role.iter_mut().find(|(r, _)| *r == w.role) {
                 Some((_, sum)) => *sum += ms,
                 None => per_role.push((w.role, ms)),
+            }
+            match used.iter_mut().find(|(r, _)| *r == w.role) {
+                Some((_, sum)) => *sum = sum.plus(&run),
+                None => used.push((w.role, run)),
             }
         }
         CpuUse {
             resolution_ms: tick_ms / messages.max(1) as f64,
             per_role,
+            used,
+            messages,
         }
     }
 }
@@ -121,6 +139,18 @@ impl CpuUse {
             .iter()
             .find(|(r, _)| *r == role)
             .map(|(_, ms)| *ms)
+    }
+
+    /// Where `role`'s CPU went in the run, if the run watched such a process.
+    pub fn kernel_share(&self, role: Role) -> Option<KernelShare> {
+        let (_, u) = self.used.iter().find(|(r, _)| *r == role)?;
+        let n = self.messages.max(1) as f64;
+        let ticks = u.user + u.system;
+        Some(KernelShare {
+            system: (ticks > 0).then(|| u.system as f64 / ticks as f64),
+            sleeps_per_message: u.sleeps as f64 / n,
+            preempted_per_message: u.preempted as f64 / n,
+        })
     }
 
     /// Both servers together: every message passes one on its way in, one on its way out.

@@ -1,5 +1,6 @@
 //! What the kernel knows about the processes of a run: CPU time used (`/proc/<pid>/stat`),
-//! resident memory (`/proc/<pid>/status`), and which process is RabbitMQ's Erlang VM.
+//! how often each thread slept or was preempted (`/proc/<pid>/task/*/status`), resident
+//! memory (`/proc/<pid>/status`), and which process is RabbitMQ's Erlang VM.
 //!
 //! Reading `/proc` instead of asking each process keeps the measured binaries unchanged and
 //! costs them nothing; it makes the benchmark Linux-only, like its deployment target.
@@ -20,6 +21,74 @@ pub fn clock_ticks_per_second() -> f64 {
 
 /// User plus system CPU time `pid` has used so far, in clock ticks; `None` once it is gone.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let (utime, stime) = user_system_ticks(pid)?;
+    Some(utime + stime)
+}
+
+/// What a process has used so far, counters only (subtract two snapshots).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// Clock ticks in user space.
+    pub user: u64,
+    /// Clock ticks in the kernel (system calls, and the network stack they drive).
+    pub system: u64,
+    /// Times a thread gave up the CPU to wait (`voluntary_ctxt_switches`): each is a sleep
+    /// and a wake-up, the kernel's fixed price per event a process waits for.
+    pub sleeps: u64,
+    /// Times a thread was taken off the CPU while it could run (`nonvoluntary_ctxt_switches`).
+    pub preempted: u64,
+}
+
+impl Usage {
+    /// `self + other`, counter by counter (a role's processes together).
+    pub fn plus(&self, other: &Usage) -> Usage {
+        Usage {
+            user: self.user + other.user,
+            system: self.system + other.system,
+            sleeps: self.sleeps + other.sleeps,
+            preempted: self.preempted + other.preempted,
+        }
+    }
+
+    /// `self - earlier`, counter by counter.
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+            sleeps: self.sleeps.saturating_sub(earlier.sleeps),
+            preempted: self.preempted.saturating_sub(earlier.preempted),
+        }
+    }
+}
+
+/// `pid`'s CPU ticks and its threads' context switches so far; `None` once it is gone.
+/// Threads that ended meanwhile take their switches with them (ours keep theirs for life).
+pub fn usage(pid: u32) -> Option<Usage> {
+    let (user, system) = user_system_ticks(pid)?;
+    let mut usage = Usage {
+        user,
+        system,
+        ..Usage::default()
+    };
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            let count =
+                |prefix: &str| -> Option<u64> { line.strip_prefix(prefix)?.trim().parse().ok() };
+            if let Some(n) = count("voluntary_ctxt_switches:") {
+                usage.sleeps += n;
+            } else if let Some(n) = count("nonvoluntary_ctxt_switches:") {
+                usage.preempted += n;
+            }
+        }
+    }
+    Some(usage)
+}
+
+fn user_system_ticks(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count fields after
     // its closing one. There field 3 (state) comes first, so utime (14) is the 12th.
@@ -27,7 +96,7 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Resident memory of `pid` in KiB (`VmRSS`); `None` once it is gone.

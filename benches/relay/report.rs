@@ -116,3 +116,52 @@ pub fn print_cpu(reports: &[(String, CpuUse)]) {
         );
     }
 }
+
+/// Where each process's CPU went in the runs of [`print_cpu`]: the kernel's share, and per
+/// message how often its threads slept (each sleep is a wake-up someone paid for) and were
+/// preempted. This is what bounds a process that makes no more system calls than it must.
+pub fn print_kernel_share(reports: &[(String, CpuUse)]) {
+    const ROLES: [(Role, &str); 5] = [
+        (Role::Sender, "sender"),
+        (Role::Recipient, "recipient"),
+        (Role::Server(0), "server-1"),
+        (Role::Server(1), "server-2"),
+        (Role::RabbitMq, "RabbitMQ"),
+    ];
+    if reports.is_empty() {
+        return;
+    }
+    println!(
+        "\nKernel share of that CPU, and sleeps / preemptions per message (context switches \
+         from /proc/<pid>/task/*/status; RabbitMQ's count every scheduler thread)"
+    );
+    print!("| {:<36} |", "scenario");
+    for (_, name) in ROLES {
+        print!(" {name:>17} |");
+    }
+    println!();
+    print!("|{:-<38}|", "");
+    for _ in ROLES {
+        print!("{:-<19}|", "");
+    }
+    println!();
+    for (name, cpu) in reports {
+        print!("| {name:<36} |");
+        for (role, _) in ROLES {
+            let cell = cpu.kernel_share(role).map_or_else(
+                || "–".to_owned(),
+                |k| {
+                    let system = k
+                        .system
+                        .map_or_else(|| "–".to_owned(), |s| format!("{:.0}%", s * 100.0));
+                    format!(
+                        "{system} {:.2}/{:.2}",
+                        k.sleeps_per_message, k.preempted_per_message
+                    )
+                },
+            );
+            print!(" {cell:>17} |");
+        }
+        println!();
+    }
+}
