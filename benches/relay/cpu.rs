@@ -49,7 +49,6 @@ pub struct CpuMeter {
 pub struct CpuUse {
     /// One clock tick per message: no figure is finer than this.
     pub resolution_ms: f64,
-    per_role: Vec<(Role, f64)>,
     /// What each role used in the run, summed over its processes.
     used: Vec<(Role, Usage)>,
     messages: usize,
@@ -109,15 +108,9 @@ impl CpuMeter {
     /// CPU used since [`CpuMeter::start`], per message of `messages`.
     pub fn stop(&self, messages: usize) -> CpuUse {
         let tick_ms = 1000.0 / procs::clock_ticks_per_second();
-        let mut per_role: Vec<(Role, f64)> = Vec::new();
         let mut used: Vec<(Role, Usage)> = Vec::new();
         for (w, before) in &self.watched {
             let run = procs::usage(w.pid).unwrap_or(*before).since(before);
-            let ms = (run.user + run.system) as f64 * tick_ms / messages.max(1) as f64;
-            match per_role.iter_mut().find(|(r, _)| *r == w.role) {
-                Some((_, sum)) => *sum += ms,
-                None => per_role.push((w.role, ms)),
-            }
             match used.iter_mut().find(|(r, _)| *r == w.role) {
                 Some((_, sum)) => *sum = sum.plus(&run),
                 None => used.push((w.role, run)),
@@ -125,7 +118,6 @@ impl CpuMeter {
         }
         CpuUse {
             resolution_ms: tick_ms / messages.max(1) as f64,
-            per_role,
             used,
             messages,
         }
@@ -135,15 +127,17 @@ impl CpuMeter {
 impl CpuUse {
     /// Milliseconds per message of `role`, if the run watched such a process.
     pub fn ms(&self, role: Role) -> Option<f64> {
-        self.per_role
-            .iter()
-            .find(|(r, _)| *r == role)
-            .map(|(_, ms)| *ms)
+        let u = self.used(role)?;
+        Some((u.user + u.system) as f64 * self.resolution_ms)
+    }
+
+    fn used(&self, role: Role) -> Option<&Usage> {
+        self.used.iter().find(|(r, _)| *r == role).map(|(_, u)| u)
     }
 
     /// Where `role`'s CPU went in the run, if the run watched such a process.
     pub fn kernel_share(&self, role: Role) -> Option<KernelShare> {
-        let (_, u) = self.used.iter().find(|(r, _)| *r == role)?;
+        let u = self.used(role)?;
         let n = self.messages.max(1) as f64;
         let ticks = u.user + u.system;
         Some(KernelShare {

@@ -474,7 +474,6 @@ pub(super) mod tests {
 
     #[test]
     fn payloads_nest_no_deeper_and_escape_no_worse_than_before() {
-        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
         let body = |payload: String| format!(r#"{{"recipientId":"a","payload":{payload}}}"#);
         assert!(SendRequest::parse(body(nested(MAX_PAYLOAD_DEPTH)).as_bytes(), 0).is_ok());
         let e = SendRequest::parse(body(nested(MAX_PAYLOAD_DEPTH + 1)).as_bytes(), 0)
@@ -531,6 +530,11 @@ pub(super) mod tests {
         }
     }
 
+    /// The number 1 inside `n` nested arrays.
+    fn nested(n: usize) -> String {
+        format!("{}1{}", "[".repeat(n), "]".repeat(n))
+    }
+
     fn raw(json: &str) -> Box<RawValue> {
         RawValue::from_string(json.to_owned()).unwrap()
     }
@@ -579,7 +583,6 @@ pub(super) mod tests {
         assert!(Sealed::from_plaintext(b"{\"payload\":").is_err());
         assert!(Sealed::from_plaintext(b"not json").is_err());
         // As deep as a request may nest it opens; deeper is refused, bare or wrapped.
-        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
         let deepest = format!(r#"{{"payload":{}}}"#, nested(MAX_PAYLOAD_DEPTH));
         assert!(Sealed::from_plaintext(deepest.as_bytes()).is_ok());
         for deeper in [
